@@ -1,0 +1,282 @@
+"""The one config system: typed dataclasses loaded from YAML, `--set key=value` overrides,
+validated at load time with errors that name the file, the key path and a fix.
+
+Every entry point (tokenizer/generator/pretraining trainers, the sweep engine, the report)
+describes its configuration as a (nested) dataclass and calls `load(cls, path, overrides)`
+or `parse_cli(cls, argv)`.  Supported field types: bool, int, float, str, `Literal[...]`,
+`Optional[T]`, `list[T]`, `tuple[T, ...]`, `dict[str, T]`, nested dataclasses and `Any`.
+
+Fields whose metadata says `semantic=False` (paths, logging cadence, worker counts) do not
+change a result and are left out of `config_hash`, in the manner of exca's uids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. The message is one line: `file: key.path: problem (fix)`."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.source, self.key, self.detail = source, key, message
+        where = ": ".join(p for p in (source, key) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field that does not affect results (excluded from `config_hash`)."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(metadata={"semantic": False}, **kwargs)
+
+
+# --------------------------------------------------------------------------- YAML reading
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or a syntax error becomes a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file not found (check the path; cwd is {Path.cwd()})", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"YAML syntax error at {line}{problem}", source=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level must be a mapping, got {type(data).__name__}", source=str(path))
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value", source="--set")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Set dotted keys in a nested dict (creating intermediate mappings)."""
+    data = json.loads(json.dumps(data, default=str)) if data else {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------- building
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    def fail(msg: str):
+        raise ConfigError(msg, source=source, key=key)
+
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err.detail)
+        fail(errors[0] if len(errors) == 1 else f"expected {_type_name(tp)}, got {value!r}")
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            fix = f" (did you mean {hint[0]!r}?)" if hint else ""
+            fail(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}{fix}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            fail(f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, source=source, prefix=key)
+    if origin in (list, tuple):
+        args = get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            fail(f"expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                fail(f"expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {type(value).__name__} {value!r}")
+        val_tp = get_args(tp)[1] if get_args(tp) else Any
+        return {str(k): _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail(f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        fail(f"expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail(f"expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail(f"expected a string, got {type(value).__name__} {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    fail(f"expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown key '{key}' ({fix})", source=source, key=path)
+        kwargs[key] = _convert(value, hints[key], path, source)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            path = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"required key is missing (add '{name}: <{_type_name(hints[name])}>')",
+                              source=source, key=path)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as err:
+        if err.source is None:  # __post_init__ validation: attach the file and key path
+            key = f"{prefix}.{err.key}" if prefix and err.key else (err.key or prefix or None)
+            raise ConfigError(err.detail, source=source, key=key) from None
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err), source=source, key=prefix or None) from None
+    return obj
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         data: dict | None = None) -> T:
+    """Load `cls` from a YAML file (or `data`), then apply `--set` overrides, then validate."""
+    source = str(path) if path is not None else "<config>"
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    try:
+        merged = apply_overrides(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(err.detail, source=source, key="--set") from None
+    return from_dict(cls, merged, source=source)
+
+
+# --------------------------------------------------------------------------- output
+def to_dict(cfg: Any, *, semantic_only: bool = False) -> Any:
+    """Plain (JSON-able) dict of a config; `semantic_only` drops `nonsemantic` fields."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            if semantic_only and not f.metadata.get("semantic", True):
+                continue
+            out[f.name] = to_dict(getattr(cfg, f.name), semantic_only=semantic_only)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v, semantic_only=semantic_only) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v, semantic_only=semantic_only) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def config_hash(cfg: Any, *extra: str, length: int = 12) -> str:
+    """Stable hash of the semantic content (key order and defaults written out do not matter)."""
+    payload = json.dumps([to_dict(cfg, semantic_only=True), list(extra)], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (lists kept as values): for logging typed params."""
+    if dataclasses.is_dataclass(data):
+        data = to_dict(data)
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+    return out
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_cli(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
+    """`prog CONFIG.yaml [--set key=value ...]` -> cls; on a bad config print one line, exit 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set train.steps=100")
+    args = parser.parse_args(argv)
+    return load_or_exit(cls, args.config, args.overrides)
+
+
+def load_or_exit(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    try:
+        return load(cls, path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,88 @@
+"""The config system: typed loading, overrides, one-line errors, stable hashes."""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from study.config import ConfigError, config_hash, flatten, load, nonsemantic, parse_cli
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Run:
+    name: str
+    kind: Literal["gpt", "dit"] = "gpt"
+    steps: int = 10
+    optim: Optim = field(default_factory=Optim)
+    tags: list[str] = field(default_factory=list)
+    weights: Optional[str] = None
+    out_dir: str = nonsemantic("out")
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ConfigError(f"must be > 0, got {self.steps}", key="steps")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_nested_types_and_overrides(tmp_path):
+    path = write(tmp_path, "name: a\noptim:\n  lr: 1e-3\n  betas: [0.8, 0.9]\n")
+    cfg = load(Run, path, ["steps=5", "optim.lr=2e-4", "tags=[x, y]", "weights=null"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.steps == 5 and cfg.tags == ["x", "y"] and cfg.weights is None
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("name: a\nstesp: 3\n", [], "c.yaml: stesp: unknown key 'stesp' (did you mean 'steps'?)"),
+    ("name: a\nsteps: many\n", [], "c.yaml: steps: expected an integer, got str 'many'"),
+    ("name: a\nkind: gtp\n", [], "kind: 'gtp' is not one of 'gpt', 'dit' (did you mean 'gpt'?)"),
+    ("name: a\noptim: {lr: fast}\n", [], "optim.lr: expected a number"),
+    ("name: a\noptim: {betas: [1]}\n", [], "optim.betas: expected 2 items, got 1"),
+    ("steps: 3\n", [], "name: required key is missing"),
+    ("name: a\n", ["steps=0"], "c.yaml: steps: must be > 0, got 0"),
+    ("name: [a\n", [], "YAML syntax error at line"),
+    ("name: a\n", ["optim.lrr=1"], "optim.lrr: unknown key 'lrr' (did you mean 'lr'?)"),
+])
+def test_errors_are_one_line_and_name_the_key(tmp_path, text, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load(Run, write(tmp_path, text), overrides)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load(Run, tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_with_one_line(tmp_path, capsys):
+    path = write(tmp_path, "name: a\nsteps: x\n")
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(Run, [str(path), "--set", "optim.lr=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "steps" in err and len(err.splitlines()) == 1
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load(Run, write(tmp_path, "name: a\nsteps: 10\noptim: {lr: 1e-4}\n"))
+    b = load(Run, data={"optim": {"betas": [0.9, 0.95], "lr": 0.0001}, "name": "a"})  # order, defaults
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load(Run, data={"name": "a", "optim": {"lr": 2e-4}}))
+    assert config_hash(a) == config_hash(load(Run, data={"name": "a", "out_dir": "elsewhere"}))
+    assert config_hash(a, "upstream1") != config_hash(a, "upstream2")
+
+
+def test_flatten_gives_dotted_params():
+    cfg = load(Run, data={"name": "a"})
+    flat = flatten(cfg)
+    assert flat["optim.lr"] == 1e-4 and flat["name"] == "a" and flat["steps"] == 10
