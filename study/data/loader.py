@@ -1,0 +1,109 @@
+"""Resumable batch streams.
+
+The batch of global step s is a pure function of (seed, s, rank, world): step s lies in epoch
+s // steps_per_epoch, whose order is a permutation seeded by (seed, epoch); the global batch
+is a contiguous slice of it and rank r takes the r-th per-rank slice of that, so ranks are
+disjoint within an epoch (like DistributedSampler) and the global batch does not depend on
+the world size.  Each sample's augmentation draws from a generator seeded by
+(seed, epoch, position in epoch), so neither worker count nor resume point changes a pixel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from study.data.sources import ImageArrayDataset
+from study.data.transforms import adm_augment, to_tensor_images
+
+# (dataset rows (b,), per-sample seeds (b, 3) = (seed, epoch, position))
+BatchKey = tuple[np.ndarray, np.ndarray]
+
+
+class StepBatchKeys:
+    """Infinite iterable of the BatchKey of steps start_step, start_step + 1, ..."""
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int, start_step: int, rank: int,
+                 world: int, shuffle: bool):
+        self.per_rank = batch_size // world
+        self.global_batch = self.per_rank * world
+        if self.per_rank < 1 or not 0 <= rank < world:
+            raise ValueError(f"batch_size={batch_size} must be >= world={world} and 0 <= rank={rank} < world")
+        if num_items < self.global_batch:
+            raise ValueError(f"dataset of {num_items} images is smaller than one global batch ({self.global_batch})")
+        self.num_items, self.seed, self.start_step = num_items, seed, start_step
+        self.rank, self.shuffle = rank, shuffle
+        self.steps_per_epoch = num_items // self.global_batch  # the epoch's incomplete tail is dropped
+        self._epoch, self._order = -1, np.arange(num_items)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self.shuffle and epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        return self._order
+
+    def key(self, step: int) -> BatchKey:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        first = within * self.global_batch + self.rank * self.per_rank
+        positions = np.arange(first, first + self.per_rank)
+        seeds = np.stack([np.full_like(positions, self.seed), np.full_like(positions, epoch), positions], axis=1)
+        return self.order(epoch)[positions], seeds
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        return (self.key(step) for step in itertools.count(self.start_step))
+
+
+class BatchFetcher(Dataset):
+    """Map-style dataset whose items are whole batches, addressed by BatchKey: uint8 images
+    (b, H, W, 3) and int64 labels (b,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, seeds = key
+        if self.augment:
+            batch = np.stack([adm_augment(self.images[row], np.random.default_rng(sample_seed))
+                              for row, sample_seed in zip(rows, seeds)])
+        else:
+            batch = self.images[rows]
+        return torch.from_numpy(batch), torch.from_numpy(self.labels[rows])
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed a worker's global RNGs from its torch seed (set by the loader's generator), so any
+    library that draws from them stays reproducible; our augmentation does not use them."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: ImageArrayDataset, batch_size: int, *, train: bool, seed: int, start_step: int = 0,
+                rank: int = 0, world: int = 1, num_workers: int = 0,
+                augment: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Infinite stream of (images float32 (b, 3, H, W) in [-1, 1], labels int64 (b,)) with
+    b = batch_size // world; item k is the batch of step start_step + k.  `train=False`
+    walks the data in order without augmentation; `augment=None` means train and
+    dataset.augment."""
+    use_augment = (train and dataset.augment) if augment is None else augment
+    keys = StepBatchKeys(len(dataset), batch_size, seed=seed, start_step=start_step, rank=rank,
+                         world=world, shuffle=train)
+    loader = DataLoader(BatchFetcher(dataset.images, dataset.labels, use_augment), sampler=keys,
+                        batch_size=None, num_workers=num_workers, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+    return ((to_tensor_images(images), labels) for images, labels in loader)
+
+
+def iterate_eval(dataset: ImageArrayDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every image once, in order, without augmentation (the last batch may be smaller)."""
+    for start in range(0, len(dataset), batch_size):
+        end = start + batch_size
+        yield to_tensor_images(dataset.images[start:end]), torch.from_numpy(dataset.labels[start:end])
