@@ -1,0 +1,65 @@
+"""Building blocks shared by the two generators (gpt.py, dit.py): RMSNorm, SwiGLU, 2-D RoPE.
+
+Both LlamaGen's GPT and RAE's DiT-DH rotate query/key pairs by 2-D positions with head_dim/4
+frequencies per axis: the first half of the rotated pairs turns with the row index, the second
+half with the column index (LlamaGen `precompute_freqs_cis_2d`, EVA `VisionRotaryEmbeddingFast`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) (in fp32), times a learned gain unless `affine=False` (AdaLN supplies it)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return y * self.weight if self.weight is not None else y
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases, dropout on the output (LlamaGen `ffn_dropout`)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d(h: int, w: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation table for a raster-ordered h x w grid: (h*w, head_dim/2, 2) holding (cos, sin)."""
+    assert head_dim % 4 == 0, "2-D RoPE needs head_dim divisible by 4"
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))  # (Dh/4,)
+    rows = torch.outer(torch.arange(h, dtype=torch.float64), freqs)  # (h, Dh/4)
+    cols = torch.outer(torch.arange(w, dtype=torch.float64), freqs)  # (w, Dh/4)
+    angles = torch.cat([rows[:, None, :].expand(h, w, quarter),
+                        cols[None, :, :].expand(h, w, quarter)], dim=-1).reshape(h * w, 2 * quarter)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (h*w, Dh/2, 2)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, H, T, Dh) by rope (T, Dh/2, 2); computed in fp32."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, H, T, Dh/2, 2)
+    cos, sin = rope[..., 0], rope[..., 1]  # (T, Dh/2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(-2).type_as(x)

@@ -1,0 +1,147 @@
+"""Autoregressive sampling for generators.gpt.GPT, gpt-fast style: small pure functions and an
+explicit static KV cache (prefill the class token, then `decode_one_token` per position).
+
+Classifier-free guidance doubles the batch: rows [0, B) carry the labels, rows [B, 2B) the null
+class, and logits = u + s_i * (c - u).  The scale s_i is constant (LlamaGen) or ramps linearly
+over token positions, s_i = 1 + (s - 1) * (i + 1) / L (the "linear" schedule of later AR work;
+not in VFMTok).  `cfg_interval = k >= 0` switches guidance off for tokens with index > k
+(LlamaGen's flag; -1 = never).  Seeded through an explicit torch.Generator, batched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import torch
+
+from generators.gpt import GPT
+
+
+# --------------------------------------------------------------------------- pure helpers
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept); k <= 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass >= p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    remove_sorted = mass_before >= p  # never removes the most likely token (mass_before = 0)
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    logits = logits / max(temperature, 1e-5)
+    return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(-1)
+
+
+def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) tokens; temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def cfg_scale_at(index: int, length: int, scale: float, schedule: Literal["constant", "linear"] = "constant") -> float:
+    if schedule == "constant":
+        return scale
+    return 1.0 + (scale - 1.0) * (index + 1) / length
+
+
+def guide_logits(logits: torch.Tensor, index: int, length: int, *, scale: float, schedule: str, interval: int) -> torch.Tensor:
+    """(2B, V) [cond; uncond] logits -> (B, V) guided logits for token `index`."""
+    cond, uncond = logits.chunk(2)
+    if interval > -1 and index > interval:
+        return cond
+    return uncond + cfg_scale_at(index, length, scale, schedule) * (cond - uncond)
+
+
+# --------------------------------------------------------------------------- model steps
+def prefill(model: GPT, labels: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Run the class token at position 0, filling the caches; -> (B, V) logits of token 0."""
+    return model.forward_embeddings(model.embed_class(labels), input_pos)[:, -1]
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """token (B, 1) at position input_pos (1,) -> (B, V) logits of the next token."""
+    return model.forward_embeddings(model.tok_emb(token), input_pos)[:, -1]
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _decode_fn(compile: bool) -> Callable:
+    if not compile:
+        return decode_one_token
+    if "decode" not in _compiled:  # compiled once per process; shapes are static per (batch, model)
+        _compiled["decode"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    return _compiled["decode"]
+
+
+def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+# --------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0,
+             cfg_schedule: Literal["constant", "linear"] = "constant", cfg_interval: int = -1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             use_cache: bool = True, compile: bool = False, cfg_batch: Optional[bool] = None) -> torch.Tensor:
+    """Sample (B, L) token grids (raster order) for class labels (B,).
+
+    cfg_batch: run the doubled [cond; null] batch; None = only when cfg_scale != 1 (at scale 1
+    the guided logits equal the conditional ones, so the doubling is skipped to save compute).
+    use_cache=False recomputes the full prefix at every step (reference path for tests).
+    """
+    device = labels.device
+    if generator is None:
+        generator = torch.Generator(device)
+        generator.manual_seed(0 if seed is None else seed)
+    B, L = labels.shape[0], model.cfg.seq_len
+    guided = (cfg_scale != 1.0) if cfg_batch is None else cfg_batch
+    run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+
+    def next_token(logits: torch.Tensor, index: int) -> torch.Tensor:  # (B', V) -> (B, 1)
+        if guided:
+            logits = guide_logits(logits, index, L, scale=cfg_scale, schedule=cfg_schedule, interval=cfg_interval)
+        return sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    def doubled(token: torch.Tensor) -> torch.Tensor:
+        return torch.cat([token, token]) if guided else token
+
+    was_training = model.training
+    model.eval()
+    tokens = torch.empty(B, L, dtype=torch.long, device=device)
+    try:
+        if use_cache:
+            model.setup_caches(run_labels.shape[0], _cache_dtype(model, device), device)
+            decode = _decode_fn(compile)
+            logits = prefill(model, run_labels, torch.tensor([0], device=device))
+            for i in range(L):
+                tokens[:, i:i + 1] = next_token(logits, i)
+                if i + 1 < L:
+                    pos = torch.tensor([i + 1], device=device)
+                    logits = decode(model, doubled(tokens[:, i:i + 1]), pos)
+        else:
+            for i in range(L):
+                prefix = doubled(tokens[:, :i])
+                logits = model(prefix, run_labels)[:, -1]
+                tokens[:, i:i + 1] = next_token(logits, i)
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+    return tokens
