@@ -1,0 +1,289 @@
+"""The sweep report: every figure of `analysis.figures`, its numbers as tables, and a summary of
+the findings with their uncertainty, written from the data, as one self-contained HTML file
+(figures inlined as base64 PNG) and a Markdown twin (figures as files next to it).
+
+    python -m analysis.report sweeps/backbones.yaml [--out DIR] [--set baseline=inhouse:none]
+
+The sweep engine calls `write_report(spec_path, out_dir)` when a sweep ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, stats
+from analysis.figures import SERIES, Plot
+from analysis.results import describe, direction, load_sweep
+from study.config import ConfigError, load
+from study.spec import load_spec
+
+SCREENSHOT = Path("assets") / "mlflow_compare.png"
+N_ORDER = 10000  # bootstrap resamples for the ranking test (cheap: means of a few seeds)
+
+
+@dataclass
+class ReportConfig:
+    baseline: Optional[str] = None  # backbone the speed-up is measured against (None: the one that ends worst)
+    level: Optional[float] = None  # quality level of the speed-up (None: where the baseline ends)
+    confidence: float = 0.95
+    n_boot: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class Section:
+    title: str
+    plot: Plot
+    sentences: list[str] = field(default_factory=list)
+    table: Optional[pd.DataFrame] = None
+
+
+# --------------------------------------------------------------------------- findings as sentences
+def _pct(cfg: ReportConfig) -> str:
+    return f"{cfg.confidence:.0%}".replace("%", " %")
+
+
+def bar_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
+    """Per metric and pipeline: the best backbone with its seed interval, and whether its lead
+    over the runner-up survives both a bootstrap over seeds and Welch's t-test."""
+    out = []
+    for (metric, series), g in table.groupby(["metric", SERIES], sort=False):
+        lower = direction(metric) != "max"
+        g = g.sort_values("mean", ascending=lower)
+        first = g.iloc[0]
+        best = "lowest" if lower else "highest"
+        text = (f"{series}: {first['backbone']} has the {best} {metric} "
+                f"({stats.Interval(first['mean'], first['ci'], first['n']).text()} over {first['n']} seeds, "
+                f"{_pct(cfg)} t-interval)")
+        if len(g) > 1:
+            second = g.iloc[1]
+            text += (f"; runner-up {second['backbone']} "
+                     f"({stats.Interval(second['mean'], second['ci'], second['n']).text()}); ")
+            text += _ranking(first["values"], second["values"], cfg)
+        out.append(text + ".")
+    return out
+
+
+def _ranking(a: list, b: list, cfg: ReportConfig) -> str:
+    if min(len(a), len(b)) < 2:
+        return "the ranking of the top two cannot be tested with a single seed"
+    boot = stats.bootstrap_order_p(a, b, N_ORDER, cfg.seed)
+    welch = stats.welch_p(a, b)  # nan when both groups have no spread: then not significant
+    alpha = 1 - cfg.confidence
+    verdict = "is" if boot < alpha and welch < alpha else "is not"
+    return (f"the ranking of the top two {verdict} significant (bootstrap p {stats.p_text(boot, N_ORDER)}, "
+            f"Welch t-test p = {welch:.3g})")
+
+
+def correlation_sentences(numbers: dict, cfg: ReportConfig) -> list[str]:
+    out = []
+    points = numbers["points"]
+    for _, c in numbers["correlations"].iterrows():
+        families = sorted(points.loc[points["kind"] == c["kind"], "family"].unique())
+        zero = " — the interval includes 0" if c["low"] <= 0 <= c["high"] else ""
+        out.append(f"{c['kind']}: {c['x']} vs {c['y']} across {c['n']} backbones (families: {', '.join(families)}): "
+                   f"Spearman ρ = {c['rho']:.2f}, {_pct(cfg)} bootstrap CI [{c['low']:.2f}, {c['high']:.2f}] "
+                   f"(p = {c['p']:.2g}){zero}.")
+    return out
+
+
+def speedup_sentences(numbers: dict, cfg: ReportConfig, metric: str) -> list[str]:
+    out = []
+    for _, s in numbers["speedups"].iterrows():
+        where = "where it ends" if cfg.level is None else "the configured level"
+        out.append(f"{s['kind']}: {s['best']} reaches {metric} = {s['level']:.3g} ({where} for {s['baseline']}) after "
+                   f"{s['steps_best']:.0f} steps vs {s['steps_baseline']:.0f} for {s['baseline']}: "
+                   f"{s['speedup']:.2f}× faster ({_pct(cfg)} bootstrap CI over seeds "
+                   f"[{s['low']:.2f}, {s['high']:.2f}]).")
+    return out
+
+
+def guidance_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
+    return [f"{r['backbone']} {r[SERIES]}: guidance moves gen_eval/fd_ref from "
+            f"{stats.Interval(r['plain_mean'], r['plain_ci'], r['n']).text()} to "
+            f"{stats.Interval(r['guided_mean'], r['guided_ci'], r['n']).text()} "
+            f"(paired improvement {stats.Interval(r['gain_mean'], r['gain_ci'], r['n']).text()} over {r['n']} runs)."
+            for _, r in table.iterrows()]
+
+
+def ablation_sentences(table: pd.DataFrame, factor: str) -> list[str]:
+    out = []
+    for (metric, backbone, series), g in table.groupby(["metric", "backbone", SERIES]):
+        lower = direction(metric) != "max"
+        best = g.sort_values("mean", ascending=lower).iloc[0]
+        levels = "; ".join(f"{factor}={r[factor]}: {stats.Interval(r['mean'], r['ci'], r['n']).text()}"
+                           for _, r in g.iterrows())
+        out.append(f"{metric}, {backbone} {series}: best at {factor}={best[factor]} ({levels}).")
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+def build_sections(runs: pd.DataFrame, fig_dir: Path, cfg: ReportConfig) -> list[Section]:
+    """Draw every figure and say what it shows (or what data it lacks)."""
+    kw = {"confidence": cfg.confidence}
+    bars = figures.backbone_bars(runs, fig_dir, **kw)
+    scatter = figures.family_scatter(runs, fig_dir, n_boot=cfg.n_boot, seed=cfg.seed, **kw)
+    conv = figures.convergence(runs, fig_dir, baseline=cfg.baseline, level=cfg.level,
+                               n_boot=min(cfg.n_boot, 1000), seed=cfg.seed, **kw)
+    guide = figures.guidance(runs, fig_dir, **kw)
+    sections = [
+        Section("Per-backbone quality", bars, [] if bars.missing else bar_sentences(bars.numbers, cfg),
+                _shown(bars.numbers)),
+        Section("Objective family vs tokenizer quality", scatter,
+                [] if scatter.missing else correlation_sentences(scatter.numbers, cfg),
+                None if scatter.missing else scatter.numbers["correlations"]),
+        Section("Convergence of the generators", conv,
+                [] if conv.missing else speedup_sentences(conv.numbers, cfg, figures.CONVERGENCE),
+                None if conv.missing else conv.numbers["speedups"]),
+        Section("With vs without guidance", guide, [] if guide.missing else guidance_sentences(guide.numbers, cfg),
+                guide.numbers if not guide.missing else None),
+    ]
+    for factor, title in (("num_queries", "Token-count ablation"), ("sampler", "Region vs grid sampler"),
+                          ("semantic", "Semantic branch on/off")):
+        plot = figures.ablation(runs, fig_dir, factor, **kw)
+        sections.append(Section(title, plot, [] if plot.missing else ablation_sentences(plot.numbers, factor),
+                                _shown(plot.numbers)))
+    for name, title in (("grids/reconstructions.png", "Reconstructions"), ("grids/samples.png", "Samples")):
+        plot = figures.image_grids(runs, fig_dir, name)
+        sections.append(Section(title, plot, table=None if plot.missing else plot.numbers[["backbone", SERIES, "run_id"]]))
+    return sections
+
+
+def _shown(table: pd.DataFrame) -> Optional[pd.DataFrame]:
+    return table.drop(columns=["values"], errors="ignore") if len(table) else None
+
+
+def overview(runs: pd.DataFrame) -> pd.DataFrame:
+    """How many runs each backbone × pipeline has, by run status."""
+    keys = [c for c in ("backbone", "pipeline") if c in runs]
+    if not keys or runs.empty:
+        return pd.DataFrame({"runs": [len(runs)]})
+    return runs.fillna({k: "?" for k in keys}).pivot_table(index=keys, columns="status", values="run_id",
+                                                            aggfunc="count", fill_value=0).reset_index()
+
+
+# --------------------------------------------------------------------------- writing
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def html_table(table: pd.DataFrame) -> str:
+    return table.map(_fmt).to_html(index=False, border=0, classes="numbers")
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render(title: str, intro: str, sections: list[Section], summary: list[str], screenshot: Optional[Path],
+           runs_table: pd.DataFrame, out_dir: Path) -> tuple[str, str]:
+    """(HTML, Markdown) of the report; Markdown links figures relative to `out_dir`."""
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
+         "table.numbers{border-collapse:collapse;font-size:12px}table.numbers td,table.numbers th"
+         "{padding:2px 8px;border-bottom:1px solid #ddd}.missing{color:#a33}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><h2>Summary</h2><ul>",
+         *[f"<li>{html.escape(s)}</li>" for s in summary], "</ul><h2>Runs</h2>", html_table(runs_table)]
+    md = [f"# {title}", "", intro, "", "## Summary", "", *[f"- {s}" for s in summary], "", "## Runs", "",
+          markdown_table(runs_table), ""]
+    for sec in sections:
+        h.append(f"<h2>{html.escape(sec.title)}</h2>")
+        md += [f"## {sec.title}", ""]
+        if sec.plot.missing:
+            h.append(f"<p class='missing'>{html.escape(sec.plot.missing)}</p>")
+            md += [f"*{sec.plot.missing}*", ""]
+            continue
+        h.append(_img(sec.plot.path, sec.title))
+        md += [f"![{sec.title}]({sec.plot.path.relative_to(out_dir)})", ""]
+        h += [f"<p>{html.escape(s)}</p>" for s in sec.sentences]
+        md += [*sec.sentences, ""]
+        if sec.table is not None and len(sec.table):
+            h.append(html_table(sec.table))
+            md += [markdown_table(sec.table), ""]
+    if screenshot is not None:
+        h += ["<h2>MLflow UI: the sweep's runs compared</h2>", _img(screenshot, "MLflow compare view")]
+        md += ["## MLflow UI: the sweep's runs compared", "", f"![MLflow compare view]({SCREENSHOT})", ""]
+    h.append("</body></html>")
+    return "\n".join(h), "\n".join(md)
+
+
+def report(runs: pd.DataFrame, out_dir: Path, cfg: Optional[ReportConfig] = None) -> Path:
+    """Write report.html and report.md for a loaded runs frame into `out_dir`; return the HTML path."""
+    cfg = cfg or ReportConfig()
+    out_dir = Path(out_dir)
+    sections = build_sections(runs, out_dir / "figures", cfg)
+    summary = [s for sec in sections for s in sec.sentences if sec.title not in ("Reconstructions", "Samples")]
+    summary += [f"{sec.title}: {sec.plot.missing}." for sec in sections if sec.plot.missing]
+    screenshot = out_dir / SCREENSHOT
+    name = runs.attrs.get("experiment", "sweep")
+    intro = (f"{describe(runs)}. Tracking store: {runs.attrs.get('tracking_uri')}. Intervals: mean ± "
+             f"{_pct(cfg)} Student-t over seeds; with few seeds the bootstrap p-values are coarse, so a ranking "
+             f"is called significant only when Welch's t-test agrees. fd_ref / rfd_ref are Fréchet distances in the project's "
+             f"reference-classifier feature space (an offline proxy, not FID).")
+    page, md = render(f"vfmstudy report: {name}", intro, sections, summary,
+                      screenshot if screenshot.is_file() else None, overview(runs), out_dir)
+    (out_dir / "report.md").write_text(md)
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def default_out_dir(source: str | Path) -> Path:
+    """<study folder>/report: a folder source is the study folder; a spec names its study_dir."""
+    if Path(source).is_dir():
+        return Path(source) / "report"
+    return load_spec(source).root / "report"
+
+
+def write_report(spec_path: str | Path, out_dir: Optional[str | Path] = None,
+                 cfg: Optional[ReportConfig] = None, experiment: Optional[str] = None) -> Path:
+    """Load the sweep at `spec_path` (spec, study folder, or tracking URI with `experiment`) and
+    write its report; return the path of report.html."""
+    if out_dir is None:
+        out_dir = default_out_dir(spec_path)
+    return report(load_sweep(spec_path, experiment), Path(out_dir), cfg)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="sweep spec YAML, study folder, or tracking URI (with --experiment)")
+    parser.add_argument("--out", help="output folder (default: <study folder>/report)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: from the spec)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="report option, e.g. --set baseline=inhouse:none --set level=40")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per grid is noise
+    try:
+        cfg = load(ReportConfig, None, args.overrides)
+        if args.out is None and "://" in args.sweep:
+            raise ConfigError("a tracking URI needs --out DIR", source=args.sweep)
+        path = write_report(args.sweep, args.out, cfg, args.experiment)
+    except (ConfigError, FileNotFoundError, LookupError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path.resolve()}\n        {path.with_suffix('.md').resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

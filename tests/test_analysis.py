@@ -1,0 +1,363 @@
+"""analysis/: a synthetic finished sweep in a tmp sqlite MLflow store (parent run + cell runs with
+metrics, histories and PNG artifacts) -> runs frame, statistics, figures, report, notebook."""
+
+from __future__ import annotations
+
+import base64
+import html
+import http.server
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from scipy import stats as sps
+
+from analysis import figures, results, stats
+from analysis.report import ReportConfig, main, report, write_report
+
+BACKBONES = {"inhouse:none": "none", "inhouse:dino": "self-distillation", "inhouse:ibot": "self-distillation+latent-mim"}
+VFM_PROBE = {"inhouse:none": 0.2, "inhouse:dino": 0.6, "inhouse:ibot": 0.7}
+RFD = {"inhouse:none": 40.0, "inhouse:dino": 20.0, "inhouse:ibot": 15.0}
+STEPS = [0, 100, 200, 300, 400, 500]
+# generator fd_ref vs step: with level 50, none crosses at step 250 and ibot at 83.3 -> 3.0x
+CURVES = {"inhouse:none": [100, 80, 60, 40, 35, 30], "inhouse:dino": [100, 60, 40, 30, 25, 22],
+          "inhouse:ibot": [100, 40, 30, 25, 20, 18]}
+PIPELINES = (("vfmtok", "gpt"), ("vfmae", "dit"))
+SEEDS = (0, 1, 2)
+
+
+def _cells():
+    """3 backbones x 2 pipelines x 3 seeds at the main setting, plus dino vfmtok+gpt ablation cells
+    (num_queries 16; grid sampler). The semantic branch never varies."""
+    for backbone in BACKBONES:
+        for tok, gen in PIPELINES:
+            for seed in SEEDS:
+                yield dict(backbone=backbone, tok=tok, gen=gen, seed=seed, nq=64, sampler="region")
+    for seed in SEEDS:
+        yield dict(backbone="inhouse:dino", tok="vfmtok", gen="gpt", seed=seed, nq=16, sampler="region")
+        yield dict(backbone="inhouse:dino", tok="vfmtok", gen="gpt", seed=seed, nq=64, sampler="grid")
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (32, 32), colour).save(path)
+    return path
+
+
+def build_sweep(root: Path) -> dict:
+    """Write study folder `root` (sweep.yaml + mlflow.db + artifacts); return what was logged."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    root.mkdir(parents=True)
+    spec = {"name": "synth", "stages": ["vfm", "tokenizer", "tokenizer_eval", "generator", "generator_eval"],
+            "study_dir": str(root), "seeds": list(SEEDS)}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.create_experiment("synth", artifact_location=(root / "mlartifacts").as_uri())
+    parent = client.create_run(exp, run_name="synth", tags={"vfmstudy.role": "sweep"}).info.run_id
+    rng = np.random.default_rng(0)
+    logged = []
+    for i, c in enumerate(_cells()):
+        b = c["backbone"]
+        rfd = RFD[b] - 5 * (c["tok"] == "vfmae") + 8 * (c["nq"] == 16) + 3 * (c["sampler"] == "grid") + rng.normal(0, 1)
+        fd = 1.5 * rfd + rng.normal(0, 1)
+        final = {"vfm/probe_acc": VFM_PROBE[b] + rng.normal(0, 0.01), "vfm/knn_acc": VFM_PROBE[b] - 0.05,
+                 "tok_eval/rfd_ref": rfd, "tok_eval/psnr": 20 + 0.1 * (50 - rfd), "tok_eval/probe_acc": VFM_PROBE[b] - 0.1,
+                 "gen_eval/fd_ref": fd, "gen_eval/fd_ref_guided": 0.7 * fd + rng.normal(0, 0.5)}
+        loss = list(np.linspace(2.0, 0.5, 5) + rng.uniform(0, 0.1, 5))
+        loss[-1] = loss[-2] + 0.05  # the last value is not the best one
+        curve = [v + (0.5 * c["seed"] if s >= 400 else 0) for s, v in zip(STEPS, CURVES[b])]
+        tags = {"vfmstudy.role": "cell", "mlflow.parentRunId": parent, "vfmstudy.cell": f"cell{i}",
+                "backbone": b, "family": BACKBONES[b], "seed": str(c["seed"]), "tokenizer_kind": c["tok"],
+                "generator_kind": c["gen"], "num_queries": str(c["nq"]), "sampler": c["sampler"],
+                "semantic": "true", "stage.vfm": f"vfm{b}", "stage.tokenizer": f"tok{i}"}
+        params = {"seed": c["seed"], "vfm.name": b, "tokenizer.lr": 3e-4, "tokenizer.num_queries": c["nq"],
+                  "tokenizer.semantic": True, "tokenizer.levels": [1, 2, 3], "generator.cfg_scale": 1.5}
+        run = client.create_run(exp, run_name=f"cell{i}").info.run_id
+        metrics = [Metric(k, float(v), 0, 0) for k, v in final.items()]
+        metrics += [Metric("tokenizer/loss/model", float(v), 0, 10 * s) for s, v in enumerate(loss)]
+        metrics += [Metric("generator/fd_ref", float(v), 0, s) for s, v in zip(STEPS, curve)]
+        client.log_batch(run, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        colour = (40 * list(BACKBONES).index(b), 100 + 50 * (c["tok"] == "vfmae"), c["seed"] * 60)
+        for name in ("reconstructions", "samples"):
+            client.log_artifact(run, str(_png(root / f"{name}.png", colour)), "grids")
+        client.set_terminated(run, "FINISHED")
+        logged.append({**c, "run_id": run, "loss": loss, **final})
+    client.set_terminated(parent, "FINISHED")
+    return {"root": root, "spec": root / "sweep.yaml", "uri": f"sqlite:///{root / 'mlflow.db'}",
+            "logged": pd.DataFrame(logged), "parent": parent}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return build_sweep(tmp_path_factory.mktemp("studies") / "synth")
+
+
+@pytest.fixture(scope="module")
+def runs(sweep):
+    return results.load_sweep(sweep["spec"])
+
+
+def _main(logged: pd.DataFrame) -> pd.DataFrame:
+    return logged[(logged["nq"] == 64) & (logged["sampler"] == "region")]
+
+
+# --------------------------------------------------------------------------- results
+def test_load_sweep_gives_one_typed_row_per_cell_run(runs, sweep):
+    logged = sweep["logged"]
+    assert len(runs) == len(logged) == 24 and sweep["parent"] not in set(runs["run_id"])
+    assert str(runs["seed"].dtype) == "Int64" and str(runs["num_queries"].dtype) == "Int64"
+    assert str(runs["semantic"].dtype) == "boolean" and runs["semantic"].all()
+    assert str(runs["params.tokenizer.num_queries"].dtype) == "Int64"
+    assert runs["params.tokenizer.lr"].dtype == float and runs["params.tokenizer.lr"].eq(3e-4).all()
+    assert str(runs["params.tokenizer.semantic"].dtype) == "boolean"
+    assert runs["params.tokenizer.levels"].eq("[1, 2, 3]").all()
+    assert set(runs["pipeline"]) == {"vfmtok+gpt", "vfmae+dit"}
+    assert runs["stage.vfm"].str.startswith("vfm").all()
+    merged = runs.merge(logged, on="run_id", suffixes=("", "_logged"))
+    for metric in ("tok_eval/rfd_ref", "gen_eval/fd_ref_guided", "vfm/probe_acc"):
+        np.testing.assert_allclose(merged[metric], merged[f"{metric}_logged"])
+    assert (merged["backbone"] == merged["backbone_logged"]).all() and (merged["seed"] == merged["seed_logged"]).all()
+    # final = last logged value, best = min over the history for losses
+    np.testing.assert_allclose(merged["tokenizer/loss/model"], [l[-1] for l in merged["loss"]])
+    np.testing.assert_allclose(merged["best.tokenizer/loss/model"], [min(l) for l in merged["loss"]])
+    np.testing.assert_allclose(merged["best.generator/fd_ref"], merged["generator/fd_ref"])  # monotone curves
+    assert (merged["best.tokenizer/loss/model"] < merged["tokenizer/loss/model"]).all()
+    assert "best.vfm/probe_acc" in runs and "best.tok_eval/psnr" in runs
+
+
+def test_a_tracking_uri_or_the_study_folder_load_the_same_runs(runs, sweep):
+    by_uri = results.load_sweep(sweep["uri"], experiment="synth")
+    by_dir = results.load_sweep(sweep["root"])
+    for other in (by_uri, by_dir):
+        assert sorted(other["run_id"]) == sorted(runs["run_id"])
+    with pytest.raises(ValueError, match="experiment"):
+        results.load_sweep(sweep["uri"])
+
+
+def test_histories_are_long_with_design_columns(runs):
+    long = results.histories(runs, "generator/fd_ref")
+    assert list(long.columns[:3]) == ["run_id", "step", "value"]
+    assert len(long) == len(runs) * len(STEPS)
+    none = long[(long["backbone"] == "inhouse:none") & (long["seed"] == 0)]
+    assert none.groupby("run_id")["value"].apply(list).iloc[0] == CURVES["inhouse:none"]
+
+
+def test_direction_rules():
+    assert results.direction("gen_eval/fd_ref_guided") == "min"
+    assert results.direction("tokenizer/loss/model") == "min"
+    assert results.direction("tok_eval/codebook_usage") == "max"
+    assert results.direction("vfm/knn_acc") == "max"
+    assert results.direction("tok_eval/something_else") is None
+
+
+# --------------------------------------------------------------------------- statistics
+def test_mean_ci_is_the_student_t_interval():
+    x = [12.1, 13.5, 11.2]
+    low, high = sps.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+    ci = stats.mean_ci(x)
+    assert ci.mean == pytest.approx(np.mean(x)) and ci.half == pytest.approx((high - low) / 2)
+    assert np.isnan(stats.mean_ci([3.0]).half)
+
+
+def test_backbone_bars_plot_seed_intervals_of_the_logged_values(runs, sweep, tmp_path):
+    plot = figures.backbone_bars(runs, tmp_path)
+    assert plot.missing is None and plot.path.is_file()
+    table = plot.numbers
+    assert set(table["metric"]) == {"tok_eval/rfd_ref", "gen_eval/fd_ref", "tok_eval/probe_acc"}
+    main_runs = _main(sweep["logged"])
+    for backbone in BACKBONES:
+        values = main_runs[(main_runs["backbone"] == backbone) & (main_runs["tok"] == "vfmtok")]["tok_eval/rfd_ref"]
+        row = table[(table["metric"] == "tok_eval/rfd_ref") & (table["backbone"] == backbone)
+                    & (table["series"] == "vfmtok+gpt")].iloc[0]
+        low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
+        assert row["n"] == 3  # ablation cells are not pooled into the per-backbone bars
+        assert row["mean"] == pytest.approx(values.mean()) and row["ci"] == pytest.approx((high - low) / 2)
+
+
+def test_spearman_and_its_bootstrap_interval():
+    x, y = [1, 2, 3, 4, 5], [10, 8, 9, 4, 2]
+    c = stats.spearman_ci(x, y, n_boot=500)
+    assert c.rho == pytest.approx(sps.spearmanr(x, y).statistic) and c.n == 5
+    assert -1 <= c.low <= c.rho <= c.high <= 1
+    assert stats.spearman_ci(x, y, n_boot=500) == c  # seeded
+    perfect = stats.spearman_ci(x, [5, 4, 3, 2, 1], n_boot=200)
+    assert [perfect.rho, perfect.low, perfect.high] == pytest.approx([-1, -1, -1])
+
+
+def test_bootstrap_order_p_separates_clear_from_unclear_rankings():
+    assert stats.bootstrap_order_p([10.0, 10.5, 11.0], [20.0, 20.5, 21.0]) == 0
+    assert stats.bootstrap_order_p([10.0, 14.0, 12.0], [11.0, 13.0, 12.5]) > 0.3
+
+
+def test_family_scatter_correlates_vfm_quality_with_tokenizer_quality(runs, sweep, tmp_path):
+    plot = figures.family_scatter(runs, tmp_path, n_boot=300)
+    assert plot.missing is None and plot.path.is_file()
+    corr = plot.numbers["correlations"].set_index("kind")
+    main_runs = _main(sweep["logged"])
+    for kind in ("vfmtok", "vfmae"):
+        means = main_runs[main_runs["tok"] == kind].groupby("backbone")[["vfm/probe_acc", "tok_eval/rfd_ref"]].mean()
+        expected = sps.spearmanr(means["vfm/probe_acc"], means["tok_eval/rfd_ref"]).statistic
+        assert corr.loc[kind, "rho"] == pytest.approx(expected) == pytest.approx(-1)
+        assert corr.loc[kind, "n"] == 3 and corr.loc[kind, "low"] <= corr.loc[kind, "high"]
+
+
+def test_steps_to_reach_interpolates_and_speedup_is_the_ratio():
+    assert stats.steps_to_reach(STEPS, CURVES["inhouse:none"], 40) == pytest.approx(300)
+    assert stats.steps_to_reach(STEPS, CURVES["inhouse:ibot"], 40) == pytest.approx(100)
+    assert stats.steps_to_reach(STEPS, CURVES["inhouse:none"], 10) is None
+    curves = {b: (STEPS, v) for b, v in CURVES.items()}
+    s = stats.speedup(curves, "inhouse:none", 40)
+    assert (s.best, s.steps_baseline, s.steps_best, s.ratio) == ("inhouse:ibot", 300, 100, pytest.approx(3.0))
+    s = stats.speedup(curves, "inhouse:none", 50)  # between logged points: 250 vs 83.3
+    assert s.steps_baseline == pytest.approx(250) and s.ratio == pytest.approx(3.0)
+    acc = stats.speedup({"a": ([0, 10, 20], [0.1, 0.5, 0.9]), "b": ([0, 10, 20], [0.1, 0.9, 0.95])}, "a",
+                        lower_is_better=False)
+    assert acc.level == 0.9 and acc.ratio == pytest.approx(20 / 10)
+
+
+def test_convergence_figure_reports_the_speedup(runs, tmp_path):
+    plot = figures.convergence(runs, tmp_path, baseline="inhouse:none", level=50, n_boot=200)
+    assert plot.missing is None and plot.path.is_file()
+    speeds = plot.numbers["speedups"].set_index("kind")
+    assert set(speeds.index) == {"gpt", "dit"}
+    for kind in ("gpt", "dit"):
+        row = speeds.loc[kind]
+        assert row["best"] == "inhouse:ibot" and row["speedup"] == pytest.approx(3.0)
+        assert row["low"] == pytest.approx(3.0) and row["high"] == pytest.approx(3.0)  # seeds differ after step 300
+    default = figures.convergence(runs, tmp_path, n_boot=50).numbers["speedups"]
+    assert (default["baseline"] == "inhouse:none").all() and (default["speedup"] > 1).all()
+
+
+def test_guidance_pairs_runs(runs, sweep, tmp_path):
+    plot = figures.guidance(runs, tmp_path)
+    assert plot.missing is None and len(plot.numbers) == 6
+    main_runs = _main(sweep["logged"])
+    g = main_runs[(main_runs["backbone"] == "inhouse:ibot") & (main_runs["gen"] == "dit")]
+    row = plot.numbers[(plot.numbers["backbone"] == "inhouse:ibot") & (plot.numbers["series"] == "vfmae+dit")].iloc[0]
+    assert row["gain_mean"] == pytest.approx((g["gen_eval/fd_ref"] - g["gen_eval/fd_ref_guided"]).mean())
+
+
+def test_ablations_use_only_groups_where_the_factor_varies(runs, tmp_path):
+    nq = figures.ablation(runs, tmp_path, "num_queries")
+    assert nq.missing is None and nq.path.is_file()
+    assert set(nq.numbers["backbone"]) == {"inhouse:dino"} and set(nq.numbers["num_queries"]) == {16, 64}
+    rfd = nq.numbers[nq.numbers["metric"] == "tok_eval/rfd_ref"].set_index("num_queries")["mean"]
+    assert rfd[16] > rfd[64]
+    sampler = figures.ablation(runs, tmp_path, "sampler")
+    assert sampler.missing is None and set(sampler.numbers["sampler"]) == {"region", "grid"}
+    semantic = figures.ablation(runs, tmp_path, "semantic")
+    assert semantic.path is None and semantic.missing == "no runs with semantic varying"
+
+
+def test_image_grids_embed_one_artifact_per_backbone_and_pipeline(runs, tmp_path):
+    plot = figures.image_grids(runs, tmp_path, "grids/samples.png")
+    assert plot.missing is None and len(plot.numbers) == 6
+    assert all(Image.open(f).size == (32, 32) for f in plot.numbers["file"])
+    assert figures.image_grids(runs, tmp_path, "grids/nothing.png").missing == "no runs with an artifact grids/nothing.png"
+
+
+def test_missing_data_is_said_not_drawn(runs, tmp_path):
+    bare = runs[["run_id", "backbone", "seed"]].copy()
+    bare.attrs = dict(runs.attrs)
+    for plot in (figures.backbone_bars(bare, tmp_path), figures.family_scatter(bare, tmp_path),
+                 figures.guidance(bare, tmp_path), figures.ablation(bare, tmp_path, "num_queries")):
+        assert plot.path is None and plot.missing.startswith("no runs")
+    assert figures.convergence(bare, tmp_path, metric="generator/none").missing.startswith("no runs with")
+
+
+# --------------------------------------------------------------------------- report
+def _images(page: str) -> list[str]:
+    return re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+
+
+def test_report_embeds_every_figure_and_writes_the_findings(runs, tmp_path):
+    out = tmp_path / "report"
+    (out / "assets").mkdir(parents=True)
+    _png(out / "assets" / "mlflow_compare.png", (1, 2, 3))
+    path = report(runs, out, ReportConfig(baseline="inhouse:none", level=50, n_boot=300))
+    page = html.unescape(path.read_text())
+    drawn = sorted((out / "figures").glob("*.png"))
+    assert [p.stem for p in drawn] == ["ablation_num_queries", "ablation_sampler", "backbones", "convergence",
+                                       "family_scatter", "guidance", "reconstructions", "samples"]
+    images = _images(page)
+    assert len(images) == len(drawn) + 1  # + the MLflow screenshot
+    assert {base64.b64decode(i) for i in images} >= {p.read_bytes() for p in drawn}
+    assert re.search(r"vfmtok\+gpt: inhouse:ibot has the lowest tok_eval/rfd_ref \([\d.]+ ± [\d.]+ over 3 seeds, "
+                     r"95 % t-interval\); runner-up inhouse:dino .*the ranking of the top two is (not )?significant "
+                     r"\(bootstrap p [<=] [\d.e-]+, Welch t-test p = [\d.e-]+\)\.", page)
+    assert re.search(r"vfmae: vfm/probe_acc vs tok_eval/rfd_ref across 3 backbones \(families: none, "
+                     r"self-distillation, self-distillation\+latent-mim\): Spearman ρ = -1.00, 95 % bootstrap CI", page)
+    assert "gpt: inhouse:ibot reaches generator/fd_ref = 50 (the configured level for inhouse:none) after 83 steps " \
+           "vs 250 for inhouse:none: 3.00× faster" in page
+    assert "Semantic branch on/off: no runs with semantic varying." in page
+    md = (out / "report.md").read_text()
+    assert "![Convergence of the generators](figures/convergence.png)" in md
+    assert "3.00× faster" in md and "assets/mlflow_compare.png" in md
+
+
+def test_report_cli_writes_into_the_study_folder(sweep, capsys):
+    assert main([str(sweep["spec"]), "--set", "n_boot=100"]) == 0
+    html_path = sweep["root"] / "report" / "report.html"
+    assert str(html_path.resolve()) in capsys.readouterr().out
+    assert len(_images(html_path.read_text())) == 8
+    assert main([str(sweep["spec"]), "--set", "n_bot=1"]) == 2
+    assert "did you mean 'n_boot'" in capsys.readouterr().err
+
+
+def test_write_report_returns_the_html_path(sweep, tmp_path):
+    path = write_report(sweep["spec"], tmp_path / "r", ReportConfig(n_boot=100))
+    assert path == tmp_path / "r" / "report.html" and path.is_file()
+
+
+# --------------------------------------------------------------------------- notebook, screenshot
+def test_explore_notebook_executes_on_the_sweep(sweep, monkeypatch, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("VFMSTUDY_SWEEP", str(sweep["spec"]))
+    monkeypatch.setenv("VFMSTUDY_FIGURES", str(tmp_path))
+    path = Path(__file__).parents[1] / "analysis" / "notebooks" / "explore_sweep.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "24 cell runs from synth" in text and "no runs with semantic varying" in text
+    assert "inhouse:ibot" in text  # the speed-up table names the fastest backbone
+    assert (tmp_path / "convergence.png").is_file() and (tmp_path / "backbones.png").is_file()
+
+
+def test_screenshot_of_a_local_page(tmp_path):
+    from analysis.screenshot import browser, screenshot
+
+    try:
+        browser()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    (tmp_path / "index.html").write_text("<html><body style='background:#08f'><h1>vfmstudy</h1></body></html>")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        png = screenshot(f"http://127.0.0.1:{server.server_port}/index.html", tmp_path / "shot.png", size=(640, 400))
+    finally:
+        server.shutdown()
+    image = Image.open(png).convert("RGB")
+    assert image.size == (640, 400)
+    assert image.getpixel((600, 380)) == (0, 136, 255)  # the page's background, not a blank shot
+
+
+def test_analysis_never_imports_models_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, analysis.report, analysis.screenshot; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'tokenizer', 'generators')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
