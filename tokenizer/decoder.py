@@ -1,0 +1,219 @@
+"""Decoder: a ViT over [token memory | CLS | mask grid | registers], a VQGAN-style CNN
+upsampler, and the semantic branch that predicts the frozen VFM's final features (method §1.3, §2.1).
+
+ViT: pre-LayerNorm blocks, SwiGLU FFN (hidden = 8d/3 rounded up to a multiple of 8), attention
+dropout (0.1 in the paper) through SDPA, a causal mask over the *whole* sequence for the
+discrete tokenizer (bidirectional for VFMAE).  Memory = post-quant tokens + a learnable slot
+position table, LayerNorm'ed (norm_post1); pixel queries = CLS + pos[0], one learnable mask
+token repeated over the pixel grid + the VFM-grid position table bicubic-interpolated to the
+pixel grid, and learnable registers (zero init), LayerNorm'ed with the same norm_post1.
+Outputs at the mask positions form a (B, d, ph, pw) map that the CNN upsamples to pixels.
+
+Semantic branch ("semantic reconstruction"):
+- shared (discrete): the same transformer and memory, queries [CLS, mask_dino x VFM grid with
+  the native position table, registers] normed by norm_post2; mask outputs -> Linear(d -> VFM width);
+- separate (continuous): a 1-layer bidirectional transformer over [memory, CLS, mask_dino x VFM grid];
+  all 1 + h*w outputs -> Linear(d -> VFM width) (target includes the VFM's CLS);
+- none: the semantic objective is off (the paper's ablation); no parameters are created for it.
+
+Known quirk kept on purpose: in the causal decoder the registers come last, so no other position
+attends to them and they receive no gradient (as in the official code).  `unused_anchor()`
+returns a zero-valued term touching them so DDP does not see unused parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu_hidden(dim: int) -> int:
+    hidden = int(2 * 4 * dim / 3)
+    return ((hidden + 7) // 8) * 8  # 512 -> 1368, 128 -> 344
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, attn_dropout: float):
+        super().__init__()
+        self.n_heads, self.attn_dropout = n_heads, attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_heads: int, attn_dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, n_heads, attn_dropout)
+        self.ffn = SwiGLU(dim, swiglu_hidden(dim))
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal)
+        return x + self.ffn(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, depth: int, n_heads: int, attn_dropout: float, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.blocks = nn.ModuleList([Block(dim, n_heads, attn_dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, self.causal)
+        return self.norm(x)  # (B, T, d)
+
+
+# --------------------------------------------------------------------------- CNN upsampler
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention (VQGAN mid block)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, -1)  # 3 x (B, HW, C)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        return x + self.proj(out.transpose(1, 2).reshape(B, C, H, W))
+
+
+class CNNUpsampler(nn.Module):
+    """(B, z, h, w) -> (B, 3, h * 2^(len(ch_mult)-1), ...): stages read ch_mult in reverse,
+    `num_res_blocks + 1` ResBlocks each, nearest x2 + 3x3 conv after all but the last stage."""
+
+    def __init__(self, z_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, groups: int):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Sequential(ResBlock(block_in, block_in, groups), AttnBlock(block_in, groups),
+                                 ResBlock(block_in, block_in, groups))
+        stages = []
+        for i in reversed(range(len(ch_mult))):
+            block_out = ch * ch_mult[i]
+            layers = []
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock(block_in, block_out, groups))
+                block_in = block_out
+            if i != 0:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(block_in, block_in, 3, padding=1)]
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.conv_out.weight
+
+
+# --------------------------------------------------------------------------- ViT decoder
+class ViTDecoder(nn.Module):
+    def __init__(self, *, dim: int, depth: int, n_heads: int, attn_dropout: float, causal: bool,
+                 num_tokens: int, n_registers: int, vfm_grid: tuple[int, int], pixel_grid: tuple[int, int],
+                 semantic: str, vfm_width: int, cnn: CNNUpsampler):
+        super().__init__()
+        self.vfm_grid, self.pixel_grid, self.semantic = tuple(vfm_grid), tuple(pixel_grid), semantic
+        self.transformer = Transformer(dim, depth, n_heads, attn_dropout, causal)
+        self.slot_pos = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1 + vfm_grid[0] * vfm_grid[1], dim) * 0.02)  # [CLS | VFM grid]
+        self.cls = nn.Parameter(torch.randn(dim) * 0.02)
+        self.mask = nn.Parameter(torch.randn(dim) * 0.02)
+        self.registers = nn.Parameter(torch.zeros(n_registers, dim))
+        self.norm_post1 = nn.LayerNorm(dim)
+        self.cnn = cnn
+        if semantic == "shared":
+            self.mask_dino = nn.Parameter(torch.randn(dim) * 0.02)
+            self.norm_post2 = nn.LayerNorm(dim)
+        elif semantic == "separate":
+            self.mask_dino = nn.Parameter(torch.randn(dim) * 0.02)
+            self.norm_post2 = nn.LayerNorm(dim)
+            self.semantic_transformer = Transformer(dim, 1, n_heads, attn_dropout, causal=False)
+        if semantic != "none":
+            self.semantic_head = nn.Linear(dim, vfm_width)
+
+    def grid_pos(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position table at the VFM grid, bicubic-interpolated to `grid` when it differs: (h*w, d)."""
+        gh, gw = self.vfm_grid
+        table = self.pos[1:]
+        if tuple(grid) == (gh, gw):
+            return table
+        table = table.t().reshape(1, -1, gh, gw)
+        return F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False).flatten(2)[0].t()
+
+    def memory(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm_post1(tokens + self.slot_pos)  # (B, N, d)
+
+    def sequence(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[memory (N) | CLS | mask x pixel grid | registers] -> transformer outputs (B, T, d)."""
+        B = tokens.shape[0]
+        queries = torch.cat([(self.cls + self.pos[0])[None],
+                             self.mask + self.grid_pos(self.pixel_grid),
+                             self.registers], 0)  # (1 + P + R, d)
+        seq = torch.cat([self.memory(tokens), self.norm_post1(queries).expand(B, -1, -1)], 1)
+        return self.transformer(seq)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, d) -> images (B, 3, H, W)."""
+        B, N, d = tokens.shape
+        ph, pw = self.pixel_grid
+        out = self.sequence(tokens)[:, N + 1:N + 1 + ph * pw]  # (B, P, d)
+        return self.cnn(out.transpose(1, 2).reshape(B, d, ph, pw))
+
+    def predict_semantic(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Predicted VFM final features: (B, h*w, C_vfm) (shared) or (B, 1 + h*w, C_vfm) (separate)."""
+        B, N, _ = tokens.shape
+        G = self.vfm_grid[0] * self.vfm_grid[1]
+        if self.semantic == "shared":
+            queries = torch.cat([(self.cls + self.pos[0])[None], self.mask_dino + self.pos[1:], self.registers], 0)
+            seq = torch.cat([self.memory(tokens), self.norm_post2(queries).expand(B, -1, -1)], 1)
+            out = self.transformer(seq)[:, N + 1:N + 1 + G]  # (B, G, d)
+        elif self.semantic == "separate":
+            queries = torch.cat([(self.cls + self.pos[0])[None], self.mask_dino + self.pos[1:]], 0)
+            seq = torch.cat([self.memory(tokens), self.norm_post2(queries).expand(B, -1, -1)], 1)
+            out = self.semantic_transformer(seq)[:, N:]  # (B, 1 + G, d)
+        else:
+            raise RuntimeError("semantic branch is disabled (model.semantic: false)")
+        return self.semantic_head(out)
+
+    def unused_anchor(self) -> torch.Tensor:
+        """0 * (parameters that get no gradient in the causal decoder), for DDP."""
+        return self.registers.sum() * 0.0

@@ -1,0 +1,312 @@
+"""Train a VFMTok / VFMAE tokenizer with the shared loop:
+
+    python -m tokenizer.train tokenizer/configs/tiny.yaml [--set train.steps=100 ...]
+    torchrun --nproc_per_node 8 -m tokenizer.train tokenizer/configs/paper.yaml
+
+`TokenizerTask` is the tokenizer's `study.training.TrainTask`: two trainable modules when the
+GAN is on, {"model": tokenizer, "disc": DINO-style discriminator}, one loss each.  Everything
+else (device, bf16, DDP, EMA, clipping, warmup, checkpoints + exact resume, progress, callbacks)
+is `study.training.Trainer`.
+
+Public API for the engine and the generators:
+    train(cfg, callbacks=()) -> (model, metrics)      EMA model in eval mode
+    load_tokenizer(run_dir) -> model                  EMA weights; VFM rebuilt from the saved spec
+    export_codes(model, dataset, path, flip=True)     the generators' `codes.pt`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.data import DataConfig, build_dataset, make_loader
+from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
+                            unwrap)
+from tokenizer.discriminator import DinoDiscriminator
+from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
+                              pixel_loss, semantic_loss)
+from tokenizer.model import TokenizerConfig, VFMTokenizer
+from tokenizer.quantizer import code_stats, compute_latent_stats
+from tokenizer.vfm import VFMSpec, build_vfm
+
+
+def _default_optim() -> OptimConfig:
+    # paper: Adam (0.9, 0.95), no weight decay, warmup then constant, clip 1 (tiny-32: lr 2e-4, 200 warmup)
+    return OptimConfig(name="adam", lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=200,
+                       schedule="constant", grad_clip=1.0)
+
+
+def _default_disc_optim() -> OptimConfig:
+    # paper: the scheduler drives G only; D stays at its lr (no warmup)
+    return OptimConfig(name="adam", lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0,
+                       schedule="constant", grad_clip=1.0)
+
+
+@dataclass
+class TokenizerRunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    vfm: VFMSpec = field(default_factory=lambda: VFMSpec(name="random:vit_tiny_p4"))
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc_vfm: Optional[VFMSpec] = None  # discriminator backbone; None = the tokenizer's own VFM
+    optim: OptimConfig = field(default_factory=_default_optim)
+    disc_optim: OptimConfig = field(default_factory=_default_disc_optim)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_images: int = 500  # validation images for PSNR / codebook stats
+    stats_batches: int = 50  # VFMAE: batches for the per-(channel, position) latent statistics
+    # filled in automatically: every departure from the paper's method in this run (logged with the config)
+    deviations: list[str] = nonsemantic(default_factory=list)
+
+    def __post_init__(self):
+        if self.model.image_size != self.data.resolution:
+            raise ConfigError(f"model.image_size {self.model.image_size} != data.resolution {self.data.resolution} "
+                              "(set both to the same value)", key="model.image_size")
+        if self.model.kind == "vfmae" and not self.model.semantic and self.loss.semantic_weight > 0:
+            pass  # semantic: false wins; the weight is ignored (no branch exists)
+        self.deviations = run_deviations(self)
+
+    @property
+    def semantic_on(self) -> bool:
+        return self.model.semantic and self.loss.semantic_weight > 0
+
+
+def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
+    """Departures from the paper's method (method.md §1-§2) that this config implies."""
+    out = ["sampling core: pure-PyTorch grid_sample MSDeformAttn (the paper's CUDA op computes the same function)",
+           "VFM: built by tokenizer.vfm (weights may be random or in-house; see vfm spec)"]
+    m, loss = cfg.model, cfg.loss
+    if m.enc_heads != 8:
+        out.append(f"deformable offset init: {m.enc_heads} directions (paper: 8 heads -> 8 compass directions)")
+    if m.sampler == "grid":
+        out.append("ablation: grid sampler (adaptive-avg-pooled VFM grid, no deformable cross-attention)")
+    if not cfg.semantic_on:
+        out.append("ablation: semantic reconstruction objective off")
+    if m.use_kv_cls:
+        out.append("KV features + CLS: the final-layer CLS is added to every level (paper: each level's own CLS)")
+    if loss.perceptual == "feature_matching":
+        out.append("perceptual: feature matching on the frozen VFM levels substitutes LPIPS (no VGG weights offline)")
+    elif loss.perceptual == "none" or loss.perceptual_weight == 0:
+        out.append("perceptual: off (paper: LPIPS weight 1)")
+    if loss.gan_weight > 0:
+        out.append("discriminator: heads on the 4 registry levels of a build_vfm backbone, no CLS add, no 224 "
+                   "crop (paper: DINO ViT-S/16, 5 taps)")
+        out.append("discriminator is not run before gan_start (paper runs it with zero loss; same parameters)")
+    else:
+        out.append("GAN off (paper: weight 0.5 from step 20k)")
+    if m.kind == "vfmtok":
+        out.append("causal decoder registers get no gradient (as in the paper's code); a 0-weighted term keeps DDP happy")
+    return out
+
+
+# --------------------------------------------------------------------------- metrics helpers
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] mapped to [0, 1] (data range 1): (B,)."""
+    mse = (to_unit(x) - to_unit(y)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def uint8_to_float(images) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]."""
+    t = torch.as_tensor(images)
+    return t.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------- the task
+class TokenizerTask(TrainTask):
+    def __init__(self, cfg: TokenizerRunConfig):
+        self.cfg = cfg
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val")
+        self.vfm = build_vfm(cfg.vfm)
+        seed_everything(cfg.train.seed)  # the init must not depend on what ran before in this process
+        self.model = VFMTokenizer(cfg.model, self.vfm)
+        self.disc = None
+        if cfg.loss.gan_weight > 0:
+            backbone = self.vfm if cfg.disc_vfm is None else build_vfm(cfg.disc_vfm)
+            self.disc = DinoDiscriminator(backbone)
+        self.lpips = LPIPSLoss(cfg.loss.lpips_vgg_path) if cfg.loss.perceptual == "lpips" else None
+        self.gan_start = cfg.loss.gan_start_step(cfg.train.steps)
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods = {"model": self.model}
+        if self.disc is not None:
+            mods["disc"] = self.disc
+        return mods
+
+    def optim_config(self, name: str) -> OptimConfig:
+        return self.cfg.optim if name == "model" else self.cfg.disc_optim
+
+    def batches(self, start_step: int, rank: int, world: int) -> Iterator:
+        return make_loader(self.train_set, self.cfg.train.batch_size, train=True, seed=self.cfg.train.seed,
+                           start_step=start_step, rank=rank, world=world)
+
+    def losses(self, model: nn.Module, images: torch.Tensor, disc: nn.Module | None, step: int) -> tuple:
+        """Generator loss, its parts, and the reconstruction (shared by `step` and tests)."""
+        lc = self.cfg.loss
+        out = model(images)
+        recon = out["recon"]
+        parts = {"pixel": pixel_loss(images, recon, lc)}
+        core = unwrap(model)
+        if lc.perceptual_weight > 0 and lc.perceptual == "feature_matching":
+            parts["perceptual"] = feature_matching_loss(core.vfm, images, recon)
+        elif lc.perceptual_weight > 0 and self.lpips is not None:
+            parts["perceptual"] = self.lpips.to(images.device)(images, recon)
+        if self.cfg.semantic_on:
+            parts["semantic"] = semantic_loss(out["sem_pred"], out["sem_target"])
+        if out["vq"]:
+            parts["vq"] = out["vq"]["codebook"] + out["vq"]["commit"]
+        weights = {"pixel": lc.pixel_weight, "perceptual": lc.perceptual_weight, "semantic": lc.semantic_weight,
+                   "vq": lc.vq_weight}
+        total = sum(weights[k] * v for k, v in parts.items())
+        if disc is not None and step >= self.gan_start:
+            # G's adversarial term goes through the *unwrapped* disc: only D's own loss is DDP-synchronised;
+            # the disc grads this leaves behind are cleared by D's zero_grad before its backward.
+            parts["gan_g"] = g_nonsat_loss(unwrap(disc)(recon))
+            total = total + lc.gan_weight * parts["gan_g"]
+        if self.cfg.model.kind == "vfmtok":
+            total = total + core.decoder.unused_anchor()
+        return total, parts, out
+
+    def step(self, modules: dict[str, nn.Module], batch, step: int) -> StepOutput:
+        images = batch[0].to(next(self.model.parameters()).device, non_blocking=True)
+        disc = modules.get("disc")
+        total, parts, out = self.losses(modules["model"], images, disc, step)
+        losses = {"model": total}
+        metrics = {f"loss_parts/{k}": v.detach() for k, v in parts.items()}
+        if disc is not None:
+            losses["disc"] = None
+            if step >= self.gan_start:
+                fake = out["recon"].detach()
+                logits = disc(torch.cat([images, fake], 0))  # one forward: one DDP reduction
+                real_logits, fake_logits = logits.chunk(2, 0)
+                losses["disc"] = self.cfg.loss.gan_weight * d_hinge_loss(real_logits, fake_logits)
+                metrics["disc/logits_real"] = real_logits.detach().float().mean()
+                metrics["disc/logits_fake"] = fake_logits.detach().float().mean()
+        with torch.no_grad():
+            metrics["train/psnr"] = psnr_per_image(images, out["recon"]).mean()
+            if "ids" in out:
+                metrics.update({f"codebook/batch_{k}": v for k, v in
+                                code_stats(out["ids"], self.cfg.model.codebook_size).items()})
+                metrics.update({f"codebook/{k}": v for k, v in unwrap(modules["model"]).quantizer.usage_stats().items()})
+        return StepOutput(losses=losses, metrics=metrics)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        return evaluate_tokenizer(model, self.val_set, self.cfg.eval_images)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: nn.Module, dataset, n_images: int, batch_size: int = 100) -> dict[str, float]:
+    """Validation PSNR (dB) and, for VFMTok, codebook usage / perplexity of the val ids."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images = uint8_to_float(dataset.images[:n_images])
+    psnrs, ids = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        codes = model.encode(x)
+        psnrs.append(psnr_per_image(x, model.decode(codes)).cpu())
+        if codes.dtype == torch.long:
+            ids.append(codes.cpu())
+    metrics = {"val/psnr": float(torch.cat(psnrs).mean())}
+    if ids:
+        stats = code_stats(torch.cat(ids), model.cfg.codebook_size)
+        metrics.update({"val/codebook_usage": stats["usage"], "val/perplexity": stats["perplexity"]})
+    model.train(was_training)
+    return metrics
+
+
+# --------------------------------------------------------------------------- public API
+def train(cfg: TokenizerRunConfig, callbacks: Sequence[Callback] = ()) -> tuple[VFMTokenizer, dict]:
+    """Train (or resume) in cfg.train.out_dir; returns the EMA model (eval mode) and final metrics."""
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out_dir / "config.yaml")
+    task = TokenizerTask(cfg)
+    trainer = Trainer(cfg.train, task, list(callbacks))
+    model = trainer.fit().eval()
+    metrics = dict(trainer.final_metrics)
+    model.tokenizer_id = tokenizer_id(cfg)
+    if cfg.model.kind == "vfmae" and trainer.is_main:
+        loader = make_loader(task.train_set, cfg.train.batch_size, train=False, seed=cfg.train.seed, start_step=0,
+                             rank=0, world=1)
+        mean, std = compute_latent_stats(model, loader, cfg.stats_batches)
+        torch.save({"mean": mean, "std": std}, out_dir / "latent_stats.pt")
+        model.latent_stats = (mean, std)
+    return model, metrics
+
+
+def tokenizer_id(cfg: TokenizerRunConfig) -> str:
+    return f"{cfg.model.kind}-{cfg.vfm.name.replace(':', '_')}-{config_hash(cfg)}"
+
+
+def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu") -> VFMTokenizer:
+    """The EMA tokenizer of a run directory (config.yaml + checkpoints/last.pt); the frozen VFM is
+    rebuilt from the saved spec, never read from the checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load(TokenizerRunConfig, run_dir / "config.yaml")
+    model = VFMTokenizer(cfg.model, build_vfm(cfg.vfm))
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=map_location, weights_only=False)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["modules"]["model"])
+    model.tokenizer_id = tokenizer_id(cfg)
+    stats = run_dir / "latent_stats.pt"
+    if stats.exists():
+        s = torch.load(stats, map_location="cpu")
+        model.latent_stats = (s["mean"], s["std"])
+    return model.eval().to(map_location)
+
+
+@torch.no_grad()
+def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = True, batch_size: int = 256,
+                 tokenizer_id: str | None = None) -> dict:
+    """Encode a dataset into the generators' cache file (see module docstring of generators)."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = uint8_to_float(dataset.images)
+    codes, codes_flip = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        codes.append(model.encode(x).cpu())
+        if flip:
+            codes_flip.append(model.encode(torch.flip(x, dims=[3])).cpu())
+    payload = {"labels": torch.as_tensor(dataset.labels).long(), "grid": tuple(model.grid),
+               "tokenizer_id": tokenizer_id or getattr(model, "tokenizer_id", f"{model.cfg.kind}-untracked")}
+    key = "tokens" if model.cfg.kind == "vfmtok" else "latents"
+    payload[key] = torch.cat(codes)
+    if flip:
+        payload[f"{key}_flip"] = torch.cat(codes_flip)
+    if key == "latents":
+        if getattr(model, "latent_stats", None) is not None:
+            mean, std = model.latent_stats
+        else:  # statistics of the exported set itself (per channel and position)
+            mean, std = payload["latents"].mean(0), payload["latents"].std(0, unbiased=False)
+        payload["mean"], payload["std"] = mean.float(), std.float()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(TokenizerRunConfig, argv, prog="python -m tokenizer.train")
+    _, metrics = train(cfg)
+    print({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
