@@ -12,7 +12,8 @@ from study.config import load
 from study.training import Callback, Trainer
 from tokenizer.deform_attn import MSDeformAttn, initial_offsets, ms_deform_attn_core
 from tokenizer.decoder import CNNUpsampler, ViTDecoder
-from tokenizer.quantizer import CosineVQ, code_stats
+from study.metrics.codebook import codebook_stats
+from tokenizer.quantizer import CosineVQ
 from tokenizer.sampler import RegionSampler
 from tokenizer.vfm import VFMSpec, build_vfm
 
@@ -194,12 +195,12 @@ def test_vq_picks_argmax_cosine_and_is_straight_through():
 
 def test_usage_and_perplexity_bounds():
     n = 8
-    all_codes = code_stats(torch.arange(n).repeat(5), n)
+    all_codes = codebook_stats(torch.arange(n).repeat(5), n)
     assert all_codes["usage"] == 1.0 and abs(all_codes["perplexity"] - n) < 1e-9
-    one_code = code_stats(torch.full((50,), 3), n)
+    one_code = codebook_stats(torch.full((50,), 3), n)
     assert one_code["usage"] == 1 / n and abs(one_code["perplexity"] - 1) < 1e-9
     ids = torch.randint(0, n, (37,), generator=torch.Generator().manual_seed(0))
-    s = code_stats(ids, n)
+    s = codebook_stats(ids, n)
     distinct = len(ids.unique())
     assert s["usage"] == distinct / n and 1 <= s["perplexity"] <= distinct + 1e-9
     # the rolling buffer keeps the most recent `usage_buffer` indices

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.metrics.codebook import codebook_stats
+
 
 class CosineVQ(nn.Module):
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, usage_buffer: int = 65536):
@@ -64,17 +66,11 @@ class CosineVQ(nn.Module):
     @torch.no_grad()
     def usage_stats(self) -> dict[str, float]:
         """Fraction of codes used and perplexity over the rolling buffer."""
-        return code_stats(self.recent[self.recent >= 0], self.codebook_size)
-
-
-def code_stats(ids: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """usage = distinct codes / n in [0, 1]; perplexity = exp(H(histogram)) in [1, n]."""
-    if ids.numel() == 0:
-        return {"usage": 0.0, "perplexity": 0.0}
-    counts = torch.bincount(ids.flatten(), minlength=codebook_size).double()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": float((counts > 0).double().mean()), "perplexity": float(entropy.exp())}
+        seen = self.recent[self.recent >= 0]
+        if seen.numel() == 0:
+            return {"usage": 0.0, "perplexity": 0.0}
+        stats = codebook_stats(seen, self.codebook_size)
+        return {"usage": stats["usage"], "perplexity": stats["perplexity"]}
 
 
 class ContinuousBottleneck(nn.Module):

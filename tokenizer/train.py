@@ -27,14 +27,16 @@ import torch
 from torch import nn
 
 from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
-from study.data import DataConfig, build_dataset, make_loader
+from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
 from tokenizer.discriminator import DinoDiscriminator
 from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
                               pixel_loss, semantic_loss)
 from tokenizer.model import TokenizerConfig, VFMTokenizer
-from tokenizer.quantizer import code_stats, compute_latent_stats
+from study.metrics.codebook import codebook_stats
+from study.metrics.image import psnr_per_image
+from tokenizer.quantizer import compute_latent_stats
 from tokenizer.vfm import VFMSpec, build_vfm
 
 
@@ -104,23 +106,6 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
     if m.kind == "vfmtok":
         out.append("causal decoder registers get no gradient (as in the paper's code); a 0-weighted term keeps DDP happy")
     return out
-
-
-# --------------------------------------------------------------------------- metrics helpers
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    return (images.float().clamp(-1, 1) + 1) / 2
-
-
-def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1] mapped to [0, 1] (data range 1): (B,)."""
-    mse = (to_unit(x) - to_unit(y)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
-
-
-def uint8_to_float(images) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]."""
-    t = torch.as_tensor(images)
-    return t.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # --------------------------------------------------------------------------- the task
@@ -197,8 +182,8 @@ class TokenizerTask(TrainTask):
         with torch.no_grad():
             metrics["train/psnr"] = psnr_per_image(images, out["recon"]).mean()
             if "ids" in out:
-                metrics.update({f"codebook/batch_{k}": v for k, v in
-                                code_stats(out["ids"], self.cfg.model.codebook_size).items()})
+                batch = codebook_stats(out["ids"], self.cfg.model.codebook_size)
+                metrics.update({"codebook/batch_usage": batch["usage"], "codebook/batch_perplexity": batch["perplexity"]})
                 metrics.update({f"codebook/{k}": v for k, v in unwrap(modules["model"]).quantizer.usage_stats().items()})
         return StepOutput(losses=losses, metrics=metrics)
 
@@ -213,7 +198,7 @@ def evaluate_tokenizer(model: nn.Module, dataset, n_images: int, batch_size: int
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    images = uint8_to_float(dataset.images[:n_images])
+    images = to_tensor_images(dataset.images[:n_images])
     psnrs, ids = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
@@ -223,7 +208,7 @@ def evaluate_tokenizer(model: nn.Module, dataset, n_images: int, batch_size: int
             ids.append(codes.cpu())
     metrics = {"val/psnr": float(torch.cat(psnrs).mean())}
     if ids:
-        stats = code_stats(torch.cat(ids), model.cfg.codebook_size)
+        stats = codebook_stats(torch.cat(ids), model.cfg.codebook_size)
         metrics.update({"val/codebook_usage": stats["usage"], "val/perplexity": stats["perplexity"]})
     model.train(was_training)
     return metrics
@@ -275,7 +260,7 @@ def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = Tr
     """Encode a dataset into the generators' cache file (see module docstring of generators)."""
     model.eval()
     device = next(model.parameters()).device
-    images = uint8_to_float(dataset.images)
+    images = to_tensor_images(dataset.images)
     codes, codes_flip = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)

@@ -61,11 +61,12 @@ def to_float_nchw(images) -> torch.Tensor:
 
 
 def to_unit_range(images) -> torch.Tensor:
-    """Any accepted image batch -> float64 tensor (N, 3, H, W) in [0, 1] (uint8 / 255 exactly)."""
+    """Any accepted image batch -> float64 tensor (N, 3, H, W) in [0, 1] (uint8 / 255 exactly).
+    Float tensors stay on their device (a training step measures PSNR without a host copy)."""
     x = images if torch.is_tensor(images) else np.asarray(images)
     if x.dtype in (np.uint8, torch.uint8):
         return to_uint8_nchw(x).double() / 255.0
-    x = torch.as_tensor(x).detach().cpu().double()
+    x = torch.as_tensor(x).detach().double()
     if _is_channels_last(x.shape):
         x = x.permute(0, 3, 1, 2)
     return _unit_from_signed(x)

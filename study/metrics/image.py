@@ -61,7 +61,7 @@ def ssim_per_image(a, b, *, data_range: float = 1.0, gaussian: bool = False, win
         cov_norm = n / (n - 1)
     if min(x.shape[-2:]) < kernel.shape[0]:
         raise ValueError(f"images {tuple(x.shape[-2:])} are smaller than the {kernel.shape[0]}-px SSIM window")
-    weight = kernel.expand(c, 1, *kernel.shape).contiguous()
+    weight = kernel.to(x.device).expand(c, 1, *kernel.shape).contiguous()
 
     def filt(t):  # valid region only == skimage's crop of (win - 1) // 2 pixels
         return F.conv2d(t, weight, groups=c)
