@@ -1,0 +1,252 @@
+"""The sweep spec: one YAML file describing a study, loaded through `study.config`.
+
+    name: backbones
+    stages: [vfm, tokenizer, tokenizer_eval]        # stage kinds, see study.stages
+    base: {data: {...}, vfm: {...}, tokenizer: {...}}   # free-form here; each stage kind types its sections
+    axes:
+      grid: {vfm.name: [dinov2_s, siglip_b]}         # Cartesian product
+      zip:  {tokenizer.lr: [1e-4, 3e-4], tokenizer.batch: [64, 128]}   # paired, equal lengths
+      lists: [{tokenizer.codebook: 4096}, {tokenizer.codebook: 16384, tokenizer.dim: 12}]
+    seeds: [0, 1]                                    # written to every path in seed_keys
+    include: [{vfm.name: dinov2_s}]                  # keep cells matching any of these
+    exclude: [{vfm.name: siglip_b, seed: 1}]         # drop cells matching any of these
+    resources: {tokenizer: {gpus: 1, timeout_min: 240}}
+    launcher: {backend: slurm, retries: 1, submitit: {slurm_qos: high}}
+    tracking: {uri: null, experiment: null}          # null: sqlite file in the study folder
+    search: {...}                                    # Optuna instead of axes (study.search)
+
+This module only knows the shape of the file and how axes expand into cells (plain nested
+dicts).  What the sections *mean* is decided by the stage kinds (study.stages), which
+validate every cell with their own dataclasses.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from study.config import ConfigError, load, nonsemantic
+
+Backend = Literal["debug", "local", "slurm"]
+
+
+@dataclass
+class Resources:
+    """What one job of a stage asks for; `timeout_min` also bounds the dry-run GPU-hour estimate."""
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    timeout_min: int = 60
+    partition: Optional[str] = None
+
+
+@dataclass
+class LauncherSpec:
+    backend: Backend = "local"
+    # local pool: GPU ids to hand out one job per GPU (None: all visible GPUs), and a cap on
+    # concurrent jobs (None: one per GPU, or one per CPU core when no GPU is used)
+    gpus: Optional[list[int]] = None
+    max_parallel: Optional[int] = None
+    # slurm: chunk arrays to this size (None: the site's MaxArraySize from `scontrol show config`)
+    max_array_size: Optional[int] = None
+    array_parallelism: int = 256
+    retries: int = 0  # app-level retries inside a job (a Python exception), error kept in status.json
+    submitit: dict[str, Any] = field(default_factory=dict)  # extra AutoExecutor params, e.g. slurm_qos
+    poll_s: float = 2.0
+
+
+@dataclass
+class TrackingSpec:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: sqlite:///<study_dir>/mlflow.db; http://host:port for a server
+    experiment: Optional[str] = None  # None: the sweep name
+
+
+@dataclass
+class ParamSpec:
+    """One Optuna search dimension; `key` paths index the cell config like axes do."""
+    type: Literal["float", "int", "categorical"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+    def __post_init__(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError("categorical needs a non-empty 'choices' list", key="choices")
+        elif self.low is None or self.high is None:
+            raise ConfigError(f"{self.type} needs 'low' and 'high'", key="low")
+        elif self.low > self.high:
+            raise ConfigError(f"low={self.low} is above high={self.high}", key="low")
+
+
+@dataclass
+class SearchSpec:
+    n_trials: int
+    metric: Union[str, list[str]]  # "<stage kind>/<result key>", a list for multi-objective
+    direction: Union[Literal["minimize", "maximize"], list[Literal["minimize", "maximize"]]] = "minimize"
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"  # grid = exhaustive (BruteForceSampler)
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    prune_on: Optional[str] = None  # "<stage kind>/<training metric>" reported at each log step
+    startup_trials: int = 5  # median pruner: prune nothing until this many trials finished
+    storage: Optional[str] = None  # None: JournalFileBackend at <study_dir>/optuna.journal; or an RDB URL
+    study_name: Optional[str] = None  # None: the sweep name
+    seed: Optional[int] = None
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def directions(self) -> list[str]:
+        d = self.direction
+        return [d] * len(self.metrics) if isinstance(d, str) else list(d)
+
+    def __post_init__(self):
+        if self.n_trials < 1:
+            raise ConfigError("must be at least 1", key="n_trials")
+        if not self.space:
+            raise ConfigError("declare at least one dimension (key.path: {type: float, low: .., high: ..})",
+                              key="space")
+        if not isinstance(self.direction, str) and len(self.direction) != len(self.metrics):
+            raise ConfigError(f"{len(self.direction)} directions for {len(self.metrics)} metrics", key="direction")
+        if self.pruner != "none" and len(self.metrics) > 1:
+            raise ConfigError("Optuna cannot prune multi-objective studies (set pruner: none)", key="pruner")
+        if self.pruner != "none" and not self.prune_on:
+            raise ConfigError("a pruner needs 'prune_on: <stage kind>/<metric>'", key="prune_on")
+        if self.sampler == "grid":
+            for key, p in self.space.items():
+                if p.type == "float" and p.step is None:
+                    raise ConfigError("the grid sampler needs a 'step' for floats", key=f"space.{key}.step")
+
+
+@dataclass
+class Axes:
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    # one zip group as a mapping, or several groups as a list of mappings
+    zip: Union[dict[str, list[Any]], list[dict[str, list[Any]]]] = field(default_factory=dict)
+    lists: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def zip_groups(self) -> list[dict[str, list[Any]]]:
+        return [self.zip] if isinstance(self.zip, dict) else list(self.zip)
+
+    def __post_init__(self):
+        for i, group in enumerate(self.zip_groups):
+            lengths = {k: len(v) for k, v in group.items()}
+            if len(set(lengths.values())) > 1:
+                where = "zip" if isinstance(self.zip, dict) else f"zip[{i}]"
+                detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+                raise ConfigError(f"zipped lists must have equal lengths ({detail})", key=where)
+        for key, values in self.grid.items():
+            if not values:
+                raise ConfigError("empty list: the sweep would have no cells", key=f"grid.{key}")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    stages: list[str]
+    base: dict[str, Any] = field(default_factory=dict)
+    axes: Axes = field(default_factory=Axes)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seed_keys: list[str] = field(default_factory=lambda: ["seed"])
+    include: list[dict[str, Any]] = field(default_factory=list)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    resources: dict[str, Resources] = field(default_factory=dict)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    search: Optional[SearchSpec] = None
+    plugins: list[str] = field(default_factory=list)  # modules to import: they register stage kinds
+    study_dir: str = nonsemantic("studies/{name}")  # stage cache + ledger + mlflow db; {name} is filled in
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("list at least one stage kind", key="stages")
+        if not self.seeds:
+            raise ConfigError("list at least one seed", key="seeds")
+        if self.search and (self.axes.grid or self.axes.zip_groups != [{}] or self.axes.lists):
+            raise ConfigError("use either axes or search, not both", key="search")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.study_dir.format(name=self.name))
+
+    def resources_for(self, kind: str) -> Resources:
+        return self.resources.get(kind, Resources())
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read and type-check the spec file (no side effects); errors are one-line ConfigErrors."""
+    return load(SweepSpec, path, overrides)
+
+
+# --------------------------------------------------------------------------- dotted key paths
+def get_path(data: dict, key: str, default: Any = KeyError) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is KeyError:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
+
+
+def set_path(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+# --------------------------------------------------------------------------- expansion
+@dataclass
+class CellDraft:
+    """One point of the sweep before stages are attached: its values and its merged config."""
+    values: dict[str, Any]  # key path -> value chosen by axes/seed (what tells cells apart)
+    config: dict[str, Any]
+
+
+_MISSING = object()
+
+
+def _matches(values: dict[str, Any], config: dict, cond: dict[str, Any]) -> bool:
+    return all(values.get(k, get_path(config, k, _MISSING)) == v for k, v in cond.items())
+
+
+def expand(spec: SweepSpec, source: str | None = None) -> list[CellDraft]:
+    """grid × zip groups × lists × seeds, then include / exclude filters, in a stable order."""
+    axes = spec.axes
+    grid_keys = list(axes.grid)
+    grid_points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*axes.grid.values())]
+    zip_points = [[{k: group[k][i] for k in group} for i in range(len(next(iter(group.values()))))]
+                  for group in axes.zip_groups if group]
+    list_points = axes.lists or [{}]
+    drafts = []
+    for combo in itertools.product(grid_points, *zip_points, list_points, spec.seeds):
+        *parts, seed = combo
+        values: dict[str, Any] = {}
+        for part in parts:
+            values.update(part)
+        for key in spec.seed_keys:
+            values[key] = seed
+        config = copy.deepcopy(spec.base)
+        for key, value in values.items():
+            set_path(config, key, value)
+        drafts.append(CellDraft(values, config))
+    if spec.include:
+        drafts = [d for d in drafts if any(_matches(d.values, d.config, c) for c in spec.include)]
+    drafts = [d for d in drafts if not any(_matches(d.values, d.config, c) for c in spec.exclude)]
+    if not drafts:
+        raise ConfigError("include/exclude leave no cell to run", source=source, key="include")
+    return drafts

@@ -1,0 +1,263 @@
+"""Stage kinds, stage ids and the plan of a sweep (cells -> chains of content-addressed stages).
+
+A stage kind is registered once, next to the code it runs:
+
+    @dataclass
+    class TokenizerStage:            # fields = the top-level config sections it reads
+        data: DataConfig
+        vfm: VFMSpec
+        tokenizer: TokenizerConfig
+
+    @register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_backbone)
+    def run_tokenizer(ctx: StageContext) -> dict[str, float]:
+        ...  # train into ctx.dir with ctx.callbacks, read ctx.inputs["vfm"].dir; return final metrics
+
+A stage's id is `config_hash(its typed config, kind, version, *upstream ids)`: a stage that many
+cells share has one id, one folder `<study_dir>/stages/<kind>/<id>/`, and runs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, get_args, get_origin
+
+from study.config import ConfigError, config_hash, from_dict
+from study.spec import CellDraft, Resources, SweepSpec, expand
+from study.training import Callback
+
+# modules that register stage kinds when imported; the real pipeline's module is added here
+PROVIDERS: list[str] = ["study.toy"]
+
+
+@dataclass
+class Upstream:
+    """A finished upstream stage as seen by a downstream one."""
+    dir: Path
+    result: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's run function gets: its typed config, its folder (write checkpoints
+    and outputs there: a rerun after preemption finds them), its upstream outputs by kind, and
+    the callbacks to hand to `study.training.Trainer` (MLflow curves, Optuna pruning, status)."""
+    config: Any
+    dir: Path
+    inputs: dict[str, Upstream]
+    callbacks: list[Callback] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    config: type
+    run: Callable[[StageContext], dict[str, Any]]
+    needs: tuple[str, ...] = ()
+    validate: Optional[Callable[[Any], None]] = None  # raise ConfigError(msg, key="section.field")
+    version: str = "1"  # bump to invalidate every cached result of this kind
+
+    @property
+    def sections(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config)]
+
+
+_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(name: str, config: type, *, needs: tuple[str, ...] = (),
+                   validate: Optional[Callable[[Any], None]] = None, version: str = "1"):
+    """Decorator registering `run(ctx: StageContext) -> dict` as stage kind `name`.
+
+    `config` is a dataclass whose fields are the top-level sections of the cell config this
+    stage reads (anything it does not read cannot change its id). `needs` are upstream kinds.
+    The result dict must be JSON-able (final metrics, paths relative to ctx.dir)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"stage '{name}': config must be a dataclass, got {config!r}")
+
+    def deco(run: Callable[[StageContext], dict[str, Any]]):
+        _KINDS[name] = StageKind(name, config, run, tuple(needs), validate, version)
+        return run
+    return deco
+
+
+def load_providers(extra: list[str] = ()) -> None:
+    for module in [*PROVIDERS, *extra]:
+        importlib.import_module(module)
+
+
+def get_kind(name: str) -> StageKind:
+    if name not in _KINDS:
+        hint = difflib.get_close_matches(name, list(_KINDS), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known kinds: {', '.join(sorted(_KINDS))}"
+        raise ConfigError(f"unknown stage kind '{name}' ({fix})")
+    return _KINDS[name]
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    id: str
+    config: Any
+    upstream: tuple[str, ...]  # keys of upstream stages ("kind/id")
+    resources: Resources
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.id}"
+
+    def dir(self, root: Path) -> Path:
+        return Path(root) / "stages" / self.kind / self.id
+
+
+@dataclass
+class Cell:
+    index: int
+    id: str  # hash of its stage keys
+    values: dict[str, Any]  # axis key -> value
+    config: dict[str, Any]
+    stages: dict[str, Stage]  # kind -> stage, in dependency order
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    source: str
+    cells: list[Cell]
+    stages: dict[str, Stage]  # key -> stage, each once, in dependency order
+    merged_duplicates: int = 0
+
+    @property
+    def root(self) -> Path:
+        return self.spec.root
+
+    def levels(self) -> list[list[Stage]]:
+        """Stages grouped by depth in the DAG: a level only needs earlier levels."""
+        depth: dict[str, int] = {}
+        for key, st in self.stages.items():  # dependency order: upstream depths are known
+            depth[key] = 1 + max((depth[u] for u in st.upstream), default=-1)
+        out: list[list[Stage]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
+        for key, st in self.stages.items():
+            out[depth[key]].append(st)
+        return out
+
+    def cells_of(self, stage_key: str) -> list[Cell]:
+        return [c for c in self.cells if any(s.key == stage_key for s in c.stages.values())]
+
+
+def _axis_origins(spec: SweepSpec) -> dict[str, str]:
+    """Key path -> where the spec sets it, so that errors point at the axis, not at `base`."""
+    out = {k: f"axes.grid.{k}" for k in spec.axes.grid}
+    for i, group in enumerate(spec.axes.zip_groups):
+        out.update({k: (f"axes.zip[{i}].{k}" if isinstance(spec.axes.zip, list) else f"axes.zip.{k}")
+                    for k in group})
+    for i, item in enumerate(spec.axes.lists):
+        out.update({k: f"axes.lists[{i}].{k}" for k in item})
+    for i, k in enumerate(spec.seed_keys):
+        out[k] = f"seed_keys[{i}]"
+    if spec.search:
+        out.update({k: f"search.space.{k}" for k in spec.search.space})
+    return out
+
+
+def _check_key_path(key: str, kinds: list[StageKind]) -> Optional[str]:
+    """None if some stage kind's schema has `key`; else a problem with a did-you-mean fix."""
+    section, *rest = key.split(".")
+    readers = [k for k in kinds if section in k.sections]
+    if not readers:
+        names = sorted({s for k in kinds for s in k.sections})
+        hint = difflib.get_close_matches(section, names, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"sections read: {', '.join(names)}"
+        return f"no stage reads section '{section}' ({fix})"
+    tp: Any = typing.get_type_hints(readers[0].config)[section]
+    walked = section
+    for part in rest:
+        while get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        if not dataclasses.is_dataclass(tp):
+            return None  # dict / Any: free-form below here
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            hint = difflib.get_close_matches(part, list(hints), n=1)
+            fix = f"did you mean '{walked}.{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(hints))}"
+            return f"unknown key '{part}' in {walked} ({fix})"
+        tp, walked = hints[part], f"{walked}.{part}"
+    return None
+
+
+def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = None) -> Plan:
+    """Validate every cell against the stage kinds' dataclasses and attach stage ids.
+    Raises a one-line ConfigError naming the spec file and the key path."""
+    def fail(msg: str, key: str):
+        raise ConfigError(msg, source=source, key=key)
+
+    load_providers(spec.plugins)
+    kinds: list[StageKind] = []
+    for i, name in enumerate(spec.stages):
+        try:
+            kind = get_kind(name)
+        except ConfigError as err:
+            fail(err.detail, f"stages[{i}]")
+        for need in kind.needs:
+            if need not in spec.stages[:i]:
+                fail(f"stage '{name}' needs '{need}' listed before it", f"stages[{i}]")
+        kinds.append(kind)
+    for name in spec.resources:
+        if name not in spec.stages:
+            hint = difflib.get_close_matches(name, spec.stages, n=1)
+            fail(f"no stage '{name}' in this sweep" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+                 f"resources.{name}")
+    origins = _axis_origins(spec)
+    for key, where in origins.items():
+        problem = _check_key_path(key, kinds)
+        if problem:
+            fail(problem, where)
+    for name, conds in (("include", spec.include), ("exclude", spec.exclude)):
+        for i, cond in enumerate(conds):
+            for key in cond:
+                problem = None if key in origins else _check_key_path(key, kinds)
+                if problem:
+                    fail(problem, f"{name}[{i}].{key}")
+    for section in spec.base:
+        problem = _check_key_path(section, kinds)
+        if problem:
+            fail(problem, f"base.{section}")
+
+    drafts = drafts if drafts is not None else expand(spec, source)
+    stages: dict[str, Stage] = {}
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for draft in drafts:
+        cell_stages: dict[str, Stage] = {}
+        for kind in kinds:
+            cfg = _typed_config(kind, draft, origins, source)
+            ups = tuple(cell_stages[n].key for n in kind.needs)
+            sid = config_hash(cfg, kind.name, kind.version, *ups)
+            stage = stages.setdefault(f"{kind.name}/{sid}",
+                                      Stage(kind.name, sid, cfg, ups, spec.resources_for(kind.name)))
+            cell_stages[kind.name] = stage
+        cell_id = config_hash({}, *sorted(s.key for s in cell_stages.values()))
+        if cell_id in seen:
+            continue
+        seen.add(cell_id)
+        cells.append(Cell(len(cells), cell_id, draft.values, draft.config, cell_stages))
+    return Plan(spec, source, cells, stages, merged_duplicates=len(drafts) - len(cells))
+
+
+def _typed_config(kind: StageKind, draft: CellDraft, origins: dict[str, str], source: str) -> Any:
+    data = {s: draft.config[s] for s in kind.sections if s in draft.config}
+    try:
+        cfg = from_dict(kind.config, data, source=source, prefix="base")
+        if kind.validate:
+            kind.validate(cfg)
+        return cfg
+    except ConfigError as err:
+        key = (err.key or "").removeprefix("base.")
+        origin = next((where for k, where in origins.items() if key == k or key.startswith(k + ".")), None)
+        raise ConfigError(err.detail, source=source, key=origin or f"base.{key}") from None

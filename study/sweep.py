@@ -1,0 +1,408 @@
+"""The sweep CLI.
+
+    python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run] [--detach] [--force] [--retry-failed]
+    python -m study.sweep status  SWEEP.yaml [--set ...]     # one table from the ledger
+    python -m study.sweep wait    SWEEP.yaml [--set ...]     # reattach and follow until done
+    python -m study.sweep collect SWEEP.yaml [--out results.csv]
+
+`run` validates the whole spec (every cell, every stage config) before anything happens,
+submits what is not cached, and follows with a status table; re-running it is always safe:
+completed stages are skipped, live jobs are followed, lost jobs are resubmitted and resume.
+Exit codes: 0 all cells completed, 1 some failed, 2 the spec is invalid, 3 another controller
+holds the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from study import ledger
+from study.config import ConfigError, flatten
+from study.ledger import ACTIVE, State
+from study.spec import load_spec
+from study.stages import Cell, Plan, build_plan
+from study.launch import Scheduler, StageRun, make_backend
+from study import tracking
+
+COMMANDS = ("run", "status", "wait", "collect")
+
+
+# --------------------------------------------------------------------------- loading
+def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
+    """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
+    spec = load_spec(path, overrides)
+    return build_plan(spec, str(path))
+
+
+def _status(plan: Plan, key: str) -> dict:
+    return ledger.read_status(plan.stages[key].dir(plan.root))
+
+
+def cell_state(plan: Plan, cell: Cell) -> State:
+    states = [_status(plan, s.key)["state"] for s in cell.stages.values()]
+    if all(s == State.COMPLETED for s in states):
+        return State.COMPLETED
+    if any(s == State.FAILED for s in states):
+        return State.FAILED
+    if any(s in ACTIVE for s in states):
+        return State.RUNNING
+    return State.PENDING
+
+
+# --------------------------------------------------------------------------- tracking
+def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
+    """Store, experiment, sweep run and cell runs, created here before any worker starts.
+    Runs recorded in the manifest are reused, so a re-run appends to the same runs."""
+    spec = plan.spec
+    if not spec.tracking.enabled:
+        return None
+    uri = spec.tracking.uri or tracking.default_uri(plan.root)
+    exp_id = tracking.init_store(uri, spec.tracking.experiment or spec.name, plan.root / "mlartifacts")
+    if manifest.get("tracking", {}).get("uri") == uri and manifest["tracking"].get("parent_run_id"):
+        tracker = tracking.Tracker(uri, exp_id, manifest["tracking"]["parent_run_id"])
+    else:
+        tracker = tracking.start_sweep(uri, exp_id, spec.name, {"spec": str(Path(plan.source).resolve())})
+    manifest["tracking"] = {"uri": uri, "experiment_id": exp_id, "parent_run_id": tracker.parent_run_id}
+    old = {c["id"]: c.get("run_id") for c in manifest.get("cells", [])}
+    for cell in plan.cells:
+        run_id = old.get(cell.id)
+        if not run_id:
+            tags = {"cell_id": cell.id, "sweep": spec.name,
+                    **{f"stage.{k}": s.id for k, s in cell.stages.items()},
+                    **{f"axis.{k}": str(v) for k, v in cell.values.items()}}
+            run_id = tracking.start_run(tracker, _cell_name(cell), tags, params=cell.config)
+            _log_cached(plan, tracker, cell, run_id)
+        manifest.setdefault("run_ids", {})[cell.id] = run_id
+    return tracker
+
+
+def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) -> None:
+    """A new cell run whose stages already ran (in another sweep) gets their results now."""
+    done = 0
+    for kind, st in cell.stages.items():
+        result = ledger.read_result(st.dir(plan.root))
+        if result is not None and _status(plan, st.key)["state"] == State.COMPLETED:
+            done += 1
+            tracking.log_metrics(tracker, [run_id], {f"{kind}/{k}": v for k, v in result.items()
+                                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+    if done == len(cell.stages):
+        tracking.end_runs(tracker, [run_id], "FINISHED")
+
+
+def _cell_name(cell: Cell) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items()) or cell.id
+
+
+def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:
+    runs = {key: StageRun(st) for key, st in plan.stages.items()}
+    for cell in plan.cells:
+        rid = run_ids.get(cell.id)
+        if not rid:
+            continue
+        keys = [s.key for s in cell.stages.values()]
+        for key in keys:
+            runs[key].run_ids.append(rid)
+        runs[keys[-1]].finishes.append(rid)
+    return runs
+
+
+# --------------------------------------------------------------------------- manifest
+def write_manifest(plan: Plan, manifest: dict, overrides: list[str]) -> None:
+    manifest.update(
+        name=plan.spec.name, spec=str(Path(plan.source).resolve()), overrides=overrides,
+        backend=plan.spec.launcher.backend, updated=time.time(),
+        cells=[{"index": c.index, "id": c.id, "values": c.values, "run_id": manifest.get("run_ids", {}).get(c.id),
+                "stages": {k: s.key for k, s in c.stages.items()}} for c in plan.cells])
+    ledger.write_json(ledger.manifest_path(plan.root, plan.spec.name), manifest)
+
+
+class ControllerBusy(RuntimeError):
+    pass
+
+
+def controller_lock(plan: Plan):
+    """One controller per sweep: a second `run` would double-submit. Released when the
+    process dies, so a killed controller never blocks the re-run."""
+    path = ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise ControllerBusy(f"another controller runs sweep '{plan.spec.name}' (pid {fh.read().strip()})")
+    fh.seek(0), fh.truncate(), fh.write(str(os.getpid())), fh.flush()
+    return fh
+
+
+# --------------------------------------------------------------------------- dry run / table
+def _fmt_s(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _median_runtime(plan: Plan, kind: str) -> Optional[float]:
+    kind_dir = plan.root / "stages" / kind
+    times = [ledger.read_status(d).get("runtime_s") for d in kind_dir.iterdir()] if kind_dir.exists() else []
+    times = [t for t in times if t]
+    return statistics.median(times) if times else None
+
+
+def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
+    spec = plan.spec
+    lines = [f"sweep '{spec.name}': {len(plan.cells)} cells, {len(plan.stages)} distinct stages "
+             f"(study dir {plan.root}; backend {spec.launcher.backend})"]
+    if plan.merged_duplicates:
+        lines.append(f"  ({plan.merged_duplicates} duplicate cells merged)")
+    marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
+    for cell in plan.cells:
+        parts = []
+        for kind, st in cell.stages.items():
+            state = _status(plan, st.key)["state"]
+            mark = "run" if force else marks.get(state, state.value.lower())
+            if state == State.FAILED and retry_failed:
+                mark = "retry"
+            parts.append(f"{kind}:{st.id}[{mark}]")
+        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
+        lines.append(f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts))
+    lines.append("stage kind        total  to-run  gpus cpus mem_gb timeout  est/job   est GPU-h")
+    gpu_h = cpu_h = 0.0
+    for kind in spec.stages:
+        keys = [k for k, s in plan.stages.items() if s.kind == kind]
+        to_run = [k for k in keys if force or _status(plan, k)["state"] == State.PENDING
+                  or (retry_failed and _status(plan, k)["state"] == State.FAILED)]
+        res = spec.resources_for(kind)
+        median = _median_runtime(plan, kind)
+        per_job_h = (median if median is not None else res.timeout_min * 60) / 3600
+        gpu_h += len(to_run) * res.gpus * per_job_h
+        cpu_h += len(to_run) * res.cpus * per_job_h
+        est = f"{_fmt_s(median)} med" if median is not None else f"<={res.timeout_min}min"
+        lines.append(f"  {kind:15s} {len(keys):5d} {len(to_run):7d} {res.gpus:5d} {res.cpus:4d} {res.mem_gb:6g} "
+                     f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * per_job_h:10.2f}")
+    lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
+                 "else the timeout as an upper bound). Nothing was run.")
+    return "\n".join(lines)
+
+
+def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
+    now = time.time()
+    counts: dict[str, int] = {}
+    rows = []
+    for cell in plan.cells:
+        cols = []
+        for kind, st in cell.stages.items():
+            s = _status(plan, st.key)
+            state = s["state"]
+            label = state.value
+            if state == State.PENDING and st.key in waiting and any(
+                    _status(plan, u)["state"] == State.FAILED for u in st.upstream):
+                label = "BLOCKED"
+            counts[label] = counts.get(label, 0) + 1
+            runtime = s.get("runtime_s") or (now - s["started"] if state == State.RUNNING and s.get("started") else None)
+            metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
+            if state == State.COMPLETED:
+                res = ledger.read_result(st.dir(plan.root)) or {}
+                metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.items())[:2] if isinstance(v, (int, float)))
+            job = f"j{s['job_id']}" if s.get("job_id") and s["job_id"] != "inline" else ""
+            cols.append(f"{kind}:{label}#{s.get('attempt', 0)} {job} {_fmt_s(runtime)} {metric}".strip())
+        rows.append(f"{cell.index:3d} {_cell_name(cell)[:40]:40s} | " + " | ".join(cols))
+    head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}\n" + "\n".join(rows)
+
+
+class Follower:
+    """Refreshes the table in place on a terminal; prints only changes when piped to a log."""
+
+    def __init__(self, plan: Plan, quiet: bool = False):
+        self.plan, self.quiet, self.tty = plan, quiet, sys.stdout.isatty()
+        self.last: dict[str, State] = {}
+
+    def show(self, waiting: set[str] = frozenset()) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            print("\x1b[H\x1b[J" + table(self.plan, waiting), flush=True)
+            return
+        for key, st in self.plan.stages.items():
+            state = _status(self.plan, key)["state"]
+            if self.last.get(key) != state:
+                print(f"[{time.strftime('%H:%M:%S')}] {key} {state.value}", flush=True)
+                self.last[key] = state
+
+
+# --------------------------------------------------------------------------- commands
+def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, detach=False, quiet=False) -> int:
+    spec = plan.spec
+    if spec.search:
+        from study import search
+        return search.run(plan, overrides, detach=detach, quiet=quiet)
+    if detach and spec.launcher.backend == "local":
+        return _detach_local(plan, overrides, force, retry_failed)
+    lock = controller_lock(plan)
+    manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
+    tracker = open_tracking(plan, manifest)
+    write_manifest(plan, manifest, overrides)
+    backend = make_backend(spec.launcher, plan.root)
+    sched = Scheduler(plan.stages, stage_runs(plan, manifest.get("run_ids", {})), backend, spec.plugins,
+                      tracker, spec.launcher.retries)
+    todo = sched.prepare(force, retry_failed)
+    blocked = _blocked(plan, todo)
+    if not quiet:
+        print(f"{spec.name}: {len(plan.cells)} cells, {len(plan.stages)} stages, "
+              f"{len(plan.stages) - len(todo)} cached or running, {len(todo) - len(blocked)} to submit, "
+              f"{len(blocked)} blocked by failed stages ({backend.name})", flush=True)
+    sched.start(todo)
+    if detach:
+        print(f"detached. follow with: python -m study.sweep wait {plan.source}")
+        lock.close()
+        return 0
+    code = follow(plan, sched, quiet)
+    if tracker:
+        _close_failed_runs(plan, tracker, manifest)
+    lock.close()
+    return code
+
+
+def _blocked(plan: Plan, todo: list[str]) -> set[str]:
+    """Stages waiting on a FAILED upstream that is not being retried (directly or transitively)."""
+    blocked: set[str] = set()
+    for key in todo:  # dependency order
+        for up in plan.stages[key].upstream:
+            if up in blocked or (up not in todo and _status(plan, up)["state"] == State.FAILED):
+                blocked.add(key)
+    return blocked
+
+
+def follow(plan: Plan, sched: Scheduler, quiet: bool = False, controller_elsewhere: bool = False) -> int:
+    """Poll the ledger until nothing can change. `controller_elsewhere`: a reattached `wait`,
+    which also waits while a (detached) controller still holds the sweep."""
+    view = Follower(plan, quiet)
+    while True:
+        sched.step()
+        sched.check_jobs()
+        view.show(set(sched.progress.waiting))
+        if not sched.pending() and not (controller_elsewhere and controller_running(plan)):
+            break
+        time.sleep(plan.spec.launcher.poll_s)
+    return summary(plan, quiet)
+
+
+def controller_running(plan: Plan) -> bool:
+    try:
+        controller_lock(plan).close()
+        return False
+    except ControllerBusy:
+        return True
+
+
+def summary(plan: Plan, quiet: bool = False) -> int:
+    states = [cell_state(plan, c) for c in plan.cells]
+    done = sum(s == State.COMPLETED for s in states)
+    failed = [c for c, s in zip(plan.cells, states) if s != State.COMPLETED]
+    if not quiet:
+        print(table(plan))
+        print(f"{done}/{len(plan.cells)} cells completed, {len(failed)} not completed")
+        for key in plan.stages:
+            s = _status(plan, key)
+            if s["state"] == State.FAILED and s.get("errors"):
+                print(f"  FAILED {key}: {s['errors'][-1]['error']}  ({plan.stages[key].dir(plan.root)}/status.json)")
+        if failed:
+            print(f"re-run with --retry-failed to retry failed stages: python -m study.sweep {plan.source} --retry-failed")
+    return 0 if not failed else 1
+
+
+def _close_failed_runs(plan: Plan, tracker: tracking.Tracker, manifest: dict) -> None:
+    for cell in plan.cells:
+        rid = manifest.get("run_ids", {}).get(cell.id)
+        if rid and cell_state(plan, cell) == State.FAILED:
+            tracking.end_runs(tracker, [rid], "FAILED")
+
+
+def _detach_local(plan: Plan, overrides: list[str], force: bool, retry_failed: bool) -> int:
+    """The local pool needs a live controller: start one in the background, in its own session."""
+    log = plan.root / "sweeps" / f"{plan.spec.name}.controller.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "study.sweep", "run", plan.source, "--quiet"]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    cmd += ["--force"] * force + ["--retry-failed"] * retry_failed
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"detached: controller pid {proc.pid}, log {log}\nfollow with: python -m study.sweep wait {plan.source}")
+    return 0
+
+
+def collect(plan: Plan):
+    """One row per cell: axis values, stage states and ids, every numeric result (kind/key)."""
+    import pandas as pd
+    rows = []
+    for cell in plan.cells:
+        row = {"cell": cell.index, "cell_id": cell.id, "state": cell_state(plan, cell).value, **cell.values}
+        for kind, st in cell.stages.items():
+            row[f"{kind}.id"] = st.id
+            result = ledger.read_result(st.dir(plan.root)) or {}
+            row.update({f"{kind}/{k}": v for k, v in flatten(result).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    parser = argparse.ArgumentParser(prog=f"python -m study.sweep {command}")
+    parser.add_argument("spec", help="sweep YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    if command == "run":
+        parser.add_argument("--dry-run", action="store_true", help="print cells, stage ids, cache state, estimate")
+        parser.add_argument("--detach", action="store_true", help="submit and return at once")
+        parser.add_argument("--force", action="store_true", help="recompute every stage of the sweep")
+        parser.add_argument("--retry-failed", action="store_true", help="resubmit FAILED stages")
+        parser.add_argument("--quiet", action="store_true", help="no table (background controllers)")
+    if command == "collect":
+        parser.add_argument("--out", help="write .csv or .json here instead of printing")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.spec, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if command == "run" and args.dry_run:
+        print(dry_run(plan, args.force, args.retry_failed))
+        return 0
+    if command == "run":
+        try:
+            return run(plan, args.overrides, force=args.force, retry_failed=args.retry_failed,
+                       detach=args.detach, quiet=args.quiet)
+        except ControllerBusy as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+    if plan.spec.search:
+        from study import search
+        return search.report(plan, command)
+    if command == "status":
+        print(table(plan))
+        return 0 if all(cell_state(plan, c) == State.COMPLETED for c in plan.cells) else 1
+    if command == "wait":
+        sched = Scheduler(plan.stages, {}, make_backend(plan.spec.launcher, plan.root), plan.spec.plugins, None, 0)
+        return follow(plan, sched, controller_elsewhere=True)
+    df = collect(plan)
+    if args.out:
+        df.to_json(args.out, orient="records", indent=1) if args.out.endswith(".json") else df.to_csv(args.out, index=False)
+        print(f"{len(df)} rows -> {args.out}")
+    else:
+        print(df.to_csv(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""MLflow for sweeps: one parent run per sweep, one child run per cell (linked by the
+`mlflow.parentRunId` tag, so jobs in other processes can attach), stage curves with steps.
+
+The controller creates (and migrates) the store, the experiment, the parent and the cell runs
+BEFORE any worker starts: N workers racing to migrate a fresh sqlite file all fail (harness.md
+§4.3).  Workers only append to existing runs.  A stage shared by several cells logs into each
+of their runs, prefixed with its kind (`toy_train/loss/model`), so every cell run is complete
+on its own in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from study.config import flatten
+from study.training import Callback
+
+T = TypeVar("T")
+_PACKAGES = ("torch", "mlflow", "optuna", "submitit", "vfmstudy")
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """What a job needs to log: picklable, no client inside."""
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @functools.cached_property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+        return MlflowClient(self.uri)
+
+    def __getstate__(self):  # the cached client stays in this process
+        return {"uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+
+def retry(fn: Callable[..., T], *args, attempts: int = 8, **kwargs) -> T:
+    """Call `fn`, retrying on transient store contention ("database is locked", HTTP 5xx/429)."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 -- mlflow wraps sqlite/HTTP errors in several types
+            text = str(err).lower()
+            transient = any(s in text for s in ("locked", "busy", "429", "503", "502", "timed out", "connection"))
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.1 * 2 ** i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def default_uri(root: Path) -> str:
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def init_store(uri: str, experiment: str, artifact_root: Path) -> str:
+    """Create/migrate the store and the experiment (controller only); return the experiment id."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def provenance() -> dict[str, str]:
+    """git SHA + dirty flag (MLflow records no dirty flag) and package versions."""
+    tags: dict[str, str] = {}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            tags["git.sha"] = sha.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for pkg in _PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def job_tags() -> dict[str, str]:
+    env = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+           "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SUBMITIT_LOCAL_JOB_ID": "submitit.local_job_id"}
+    return {tag: os.environ[var] for var, tag in env.items() if var in os.environ}
+
+
+def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
+              parent: bool = False) -> str:
+    from mlflow.entities import Param
+    client = tracker.client
+    all_tags = dict(tags)
+    if not parent:
+        all_tags["mlflow.parentRunId"] = tracker.parent_run_id
+    run = retry(client.create_run, tracker.experiment_id, run_name=name, tags=all_tags)
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
+    for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch call
+        retry(client.log_batch, run.info.run_id, params=flat[i:i + 100])
+    return run.info.run_id
+
+
+def start_sweep(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> Tracker:
+    base = Tracker(uri, experiment_id, "")
+    run_id = start_run(base, name, {"sweep": name, **provenance(), **tags}, parent=True)
+    return Tracker(uri, experiment_id, run_id)
+
+
+def log_metrics(tracker: Tracker, run_ids: list[str], metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for run_id in run_ids:
+        for i in range(0, len(items), 1000):
+            retry(tracker.client.log_batch, run_id, metrics=items[i:i + 1000])
+
+
+def set_tags(tracker: Tracker, run_ids: list[str], tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+    items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+    for run_id in run_ids:
+        retry(tracker.client.log_batch, run_id, tags=items)
+
+
+def log_artifact(tracker: Tracker, run_ids: list[str], path: Path, artifact_dir: str) -> None:
+    for run_id in run_ids:
+        retry(tracker.client.log_artifact, run_id, str(path), artifact_dir)
+
+
+def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
+    """status: FINISHED | FAILED | KILLED."""
+    for run_id in run_ids:
+        retry(tracker.client.set_terminated, run_id, status)
+
+
+class MlflowCallback(Callback):
+    """Training curves of one stage into the cell runs that contain it, at the Trainer's steps."""
+
+    def __init__(self, tracker: Tracker, run_ids: list[str], prefix: str):
+        self.tracker, self.run_ids, self.prefix = tracker, list(run_ids), prefix
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        log_metrics(self.tracker, self.run_ids, {f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(step, metrics)

@@ -1,0 +1,155 @@
+"""The engine on the toy chain: cache/dedup, failures, local GPU slots, controller kill + resume, preemption."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from study import ledger
+from study.launch import Scheduler, StageRun, make_backend
+from study.ledger import State
+from study.sweep import load_plan, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, **spec) -> str:
+    spec = {"name": "t", "stages": ["toy_data", "toy_train", "toy_eval"], "study_dir": str(tmp_path / "study"),
+            "tracking": {"enabled": False}, "launcher": {"backend": "debug", "poll_s": 0.3}, **spec}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def statuses(plan):
+    return {k: ledger.read_status(s.dir(plan.root)) for k, s in plan.stages.items()}
+
+
+def test_shared_stages_run_once_and_rerun_submits_nothing(tmp_path, capsys):
+    # 2 lr x 3 eval sizes = 6 cells; 1 data stage, 2 train stages, 6 eval stages
+    path = write(tmp_path, axes={"grid": {"toy.lr": [0.01, 0.05], "eval.n": [64, 128, 256]}},
+                 base={"toy": {"train": {"steps": 20, "ema_decay": 0.0, "precision": "fp32", "log_every": 5,
+                                         "ckpt_every": 10, "progress": False, "device": "cpu"}}})
+    assert main([path]) == 0
+    plan = load_plan(path)
+    st = statuses(plan)
+    assert len(plan.cells) == 6 and len(st) == 9
+    assert all(s["state"] == State.COMPLETED and s["attempt"] == 1 for s in st.values())  # executed exactly once
+    assert len(list((plan.root / "stages" / "toy_train").iterdir())) == 2
+    results = {k: ledger.read_result(s.dir(plan.root)) for k, s in plan.stages.items()}
+    assert all(r["steps"] == 20 for k, r in results.items() if k.startswith("toy_train"))
+    capsys.readouterr()
+    assert main([path]) == 0
+    assert "0 to submit" in capsys.readouterr().out
+    assert all(s["attempt"] == 1 for s in statuses(plan).values())
+    # a dry run marks everything cached and estimates from the measured median runtime
+    main([path, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("[cached]") == 18 and "med" in out
+
+
+def test_failing_cell_is_failed_with_traceback_others_finish_and_retry_failed(tmp_path, capsys):
+    path = write(tmp_path, axes={"lists": [{"toy.fail_at": 7}, {"toy.lr": 0.02}]},
+                 launcher={"backend": "local", "max_parallel": 2, "poll_s": 0.3, "retries": 1})
+    assert main([path]) == 1
+    plan = load_plan(path)
+    st = statuses(plan)
+    failed = [k for k, s in st.items() if s["state"] == State.FAILED]
+    assert len(failed) == 1 and failed[0].startswith("toy_train")
+    errs = st[failed[0]]["errors"]
+    assert len(errs) == 2  # first try + one app-level retry, both recorded
+    assert "toy failure requested at step 7" in errs[-1]["traceback"] and "Traceback" in errs[-1]["traceback"]
+    done = [c for c in plan.cells if all(st[s.key]["state"] == State.COMPLETED for s in c.stages.values())]
+    assert len(done) == 1
+    eval_of_failed = next(c for c in plan.cells if c.values.get("toy.fail_at") == 7).stages["toy_eval"].key
+    assert st[eval_of_failed]["state"] == State.PENDING  # blocked, never run
+    out = capsys.readouterr().out
+    assert "--retry-failed" in out and "toy failure requested" in out
+    # re-run: nothing resubmitted; --retry-failed retries only the failed stage (it fails again)
+    assert main([path]) == 1
+    assert "0 to submit, 1 blocked" in capsys.readouterr().out
+    assert main([path, "--retry-failed"]) == 1
+    after = statuses(plan)
+    assert after[failed[0]]["attempt"] == 4
+    assert all(after[k]["attempt"] == 1 for k, s in st.items() if s["state"] == State.COMPLETED)
+
+
+def test_local_pool_never_puts_two_jobs_on_one_gpu(tmp_path):
+    # fake GPU ids (the toy trains on CPU): the pool must hand each id to one job at a time
+    path = write(tmp_path, axes={"grid": {"toy.lr": [0.01, 0.02, 0.03]}},
+                 stages=["toy_data", "toy_train"], resources={"toy_train": {"gpus": 1}},
+                 base={"toy": {"step_sleep_s": 0.02}},
+                 launcher={"backend": "local", "gpus": [0, 1], "max_parallel": 4, "poll_s": 0.3})
+    assert main([path]) == 0
+    plan = load_plan(path)
+    runs = [s for k, s in statuses(plan).items() if k.startswith("toy_train")]
+    assert sorted(r["cuda_visible_devices"] for r in runs).count("0") >= 1
+    assert {r["cuda_visible_devices"] for r in runs} <= {"0", "1"}
+    for gpu in ("0", "1"):
+        spans = sorted((r["started"], r["ended"]) for r in runs if r["cuda_visible_devices"] == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    cpu_jobs = [s for k, s in statuses(plan).items() if not k.startswith("toy_train")]
+    assert all(r["cuda_visible_devices"] == "" for r in cpu_jobs)
+
+
+def test_killed_controller_resumes_without_redoing_completed_stages(tmp_path):
+    path = write(tmp_path, axes={"grid": {"toy.lr": [0.01, 0.02, 0.03]}}, stages=["toy_data", "toy_train"],
+                 base={"toy": {"step_sleep_s": 0.05}},
+                 launcher={"backend": "local", "max_parallel": 2, "poll_s": 0.3})
+    plan = load_plan(path)
+    proc = subprocess.Popen([sys.executable, "-m", "study.sweep", path], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        st = statuses(plan)
+        if sum(s["state"] == State.COMPLETED for k, s in st.items() if k.startswith("toy_train")) >= 1:
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = statuses(plan)
+    completed = {k for k, s in before.items() if s["state"] == State.COMPLETED}
+    assert completed and len(completed) < len(before)
+    assert main([path]) == 0
+    after = statuses(plan)
+    assert all(s["state"] == State.COMPLETED for s in after.values())
+    assert all(after[k]["attempt"] == 1 for k in completed)  # nothing finished was redone
+    assert all(s["attempt"] <= 2 for s in after.values())
+
+
+def test_preempted_job_resumes_from_checkpoint_with_the_same_result(tmp_path):
+    slow = {"toy": {"step_sleep_s": 0.1, "train": {"steps": 60, "ckpt_every": 5, "log_every": 5,
+                                                    "ema_decay": 0.0, "precision": "fp32", "progress": False,
+                                                    "device": "cpu"}}}
+    (tmp_path / "ref").mkdir()
+    ref_path = write(tmp_path / "ref", base=slow, stages=["toy_data", "toy_train"])
+    assert main([ref_path]) == 0  # uninterrupted, in-process
+    ref_plan = load_plan(ref_path)
+    train_key = next(k for k in ref_plan.stages if k.startswith("toy_train"))
+    reference = ledger.read_result(ref_plan.stages[train_key].dir(ref_plan.root))
+
+    path = write(tmp_path, base=slow, stages=["toy_data", "toy_train"], launcher={"backend": "local", "poll_s": 0.3})
+    plan = load_plan(path)
+    backend = make_backend(plan.spec.launcher, plan.root)
+    sched = Scheduler(plan.stages, {k: StageRun(s) for k, s in plan.stages.items()}, backend, [], None, 0)
+    sched.start(sched.prepare(False, False))
+    ckpt = plan.stages[train_key].dir(plan.root) / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not (ckpt.exists() and train_key in sched.progress.submitted) and time.time() < deadline:
+        sched.step()
+        time.sleep(0.2)
+    assert ckpt.exists()
+    # the preemption signal, to the task as Slurm sends it (submitit 1.5.4's LocalJob._interrupt
+    # signals the local controller process instead, which dies of it)
+    os.kill(ledger.read_status(plan.stages[train_key].dir(plan.root))["pid"], signal.SIGUSR2)
+    while sched.pending() and time.time() < deadline:
+        sched.step()
+        sched.check_jobs()
+        time.sleep(0.3)
+    status = ledger.read_status(plan.stages[train_key].dir(plan.root))
+    assert status["state"] == State.COMPLETED and status["attempt"] == 2  # ran twice: before and after requeue
+    assert "preempted" in status
+    assert ledger.read_result(plan.stages[train_key].dir(plan.root)) == reference

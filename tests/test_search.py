@@ -1,0 +1,57 @@
+"""Optuna search: parallel pull workers on a journal file, no duplicate and no lost trial; pruning."""
+from pathlib import Path
+
+import optuna
+import yaml
+
+from study.search import open_study
+from study.sweep import load_plan, main
+
+FAST = {"steps": 10, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0, "precision": "fp32",
+        "progress": False, "device": "cpu"}
+
+
+def write(tmp_path, search, launcher, stages=("toy_data", "toy_train")) -> str:
+    spec = {"name": "hpo", "stages": list(stages), "study_dir": str(tmp_path / "study"),
+            "tracking": {"enabled": False}, "base": {"toy": {"train": FAST}}, "search": search,
+            "launcher": launcher}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_8_parallel_workers_finish_n_trials_without_duplicates(tmp_path):
+    # an exhaustive 4 x 4 grid: 16 trials, 8 local workers at a time
+    path = write(tmp_path, {"n_trials": 16, "metric": "toy_train/val_mse", "sampler": "grid",
+                            "space": {"toy.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01, 0.03]},
+                                      "toy.hidden": {"type": "int", "low": 4, "high": 16, "step": 4}}},
+                 {"backend": "local", "max_parallel": 8, "poll_s": 0.5})
+    assert main([path]) == 0
+    study = open_study(load_plan(path).spec)
+    trials = study.get_trials()
+    assert len(trials) == 16 and sorted(t.number for t in trials) == list(range(16))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    points = {(t.params["toy.lr"], t.params["toy.hidden"]) for t in trials}
+    assert len(points) == 16  # every grid point exactly once
+    # the shared dataset stage ran once for all 16 trials
+    data_dirs = list((Path(tmp_path) / "study" / "stages" / "toy_data").iterdir())
+    assert len(data_dirs) == 1
+    # re-running continues toward the total instead of adding 16 more
+    assert main([path]) == 0
+    assert len(open_study(load_plan(path).spec).get_trials()) == 16
+
+
+def test_pruning_from_training_curve(tmp_path):
+    path = write(tmp_path, {"n_trials": 8, "metric": "toy_train/val_mse", "sampler": "random", "seed": 0,
+                            "pruner": "median", "startup_trials": 2, "prune_on": "toy_train/loss/model",
+                            "space": {"toy.lr": {"type": "float", "low": 1e-5, "high": 0.1, "log": True}}},
+                 {"backend": "debug"})
+    main([path, "--set", "base.toy.train.steps=30"])
+    study = open_study(load_plan(path).spec)
+    states = [t.state for t in study.get_trials()]
+    assert len(states) == 8
+    assert len({t.params["toy.lr"] for t in study.get_trials()}) == 8  # seeded sampler: no repeated draw
+    assert states.count(optuna.trial.TrialState.PRUNED) >= 1
+    assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
+    reported = [t for t in study.get_trials() if t.intermediate_values]
+    assert reported and all(set(t.intermediate_values) <= {5, 10, 15, 20, 25, 30} for t in reported)

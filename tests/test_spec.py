@@ -1,0 +1,127 @@
+"""Sweep spec: expansion counts, stage-id stability/sensitivity, one-line load errors (exit 2, no side effects)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.config import ConfigError
+from study.sweep import load_plan, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, spec: dict, name="s.yaml") -> Path:
+    spec.setdefault("name", "t")
+    spec.setdefault("stages", ["toy_data", "toy_train", "toy_eval"])
+    spec.setdefault("study_dir", str(tmp_path / "study"))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_zip_lists_seeds_multiply(tmp_path):
+    path = write(tmp_path, {"axes": {"grid": {"toy.lr": [0.1, 0.01, 0.001]},
+                                     "zip": {"toy.hidden": [4, 8], "data.n": [64, 128]},
+                                     "lists": [{"eval.n": 10}, {"eval.n": 20, "eval.seed": 3}]},
+                            "seeds": [0, 1]})
+    plan = load_plan(str(path))
+    assert len(plan.cells) == 3 * 2 * 2 * 2
+    # stages: data varies with the zip (2), train with lr x zip x seed (12), eval with everything (24)
+    kinds = [s.kind for s in plan.stages.values()]
+    assert (kinds.count("toy_data"), kinds.count("toy_train"), kinds.count("toy_eval")) == (2, 12, 24)
+
+
+def test_two_zip_groups_and_filters(tmp_path):
+    path = write(tmp_path, {"axes": {"zip": [{"toy.hidden": [4, 8, 16], "toy.lr": [0.1, 0.2, 0.3]},
+                                             {"data.n": [64, 128]}]},
+                            "seeds": [0, 1, 2],
+                            "include": [{"toy.hidden": 4}, {"toy.hidden": 8}],
+                            "exclude": [{"toy.hidden": 8, "seed": 2}, {"data.n": 128, "seed": 0}]})
+    plan = load_plan(str(path))
+    kept = [(c.values["toy.hidden"], c.values["data.n"], c.values["seed"]) for c in plan.cells]
+    expected = [(h, n, s) for h in (4, 8) for n in (64, 128) for s in (0, 1, 2)
+                if not (h == 8 and s == 2) and not (n == 128 and s == 0)]
+    assert sorted(kept) == sorted(expected) and len(kept) == 8  # 12 - 2 - 2
+
+
+def test_stage_ids_ignore_key_order_defaults_and_nonsemantic(tmp_path):
+    a = load_plan(str(write(tmp_path, {"base": {"toy": {"lr": 0.01, "hidden": 16}}}, "a.yaml")))
+    b = load_plan(str(write(tmp_path, {"base": {"toy": {"hidden": 16, "lr": 0.01, "fail_at": -1}}}, "b.yaml")))
+    c = load_plan(str(write(tmp_path, {"base": {"toy": {"hidden": 16, "lr": 0.01, "step_sleep_s": 0.5}},
+                                       "launcher": {"backend": "slurm"}, "resources": {"toy_train": {"gpus": 1}}},
+                            "c.yaml")))
+    assert list(a.stages) == list(b.stages) == list(c.stages)
+
+
+@pytest.mark.parametrize("change", ["toy.lr=0.02", "toy.train.steps=41", "data.noise=0.2", "eval.n=100", "seed=3"])
+def test_any_semantic_change_changes_the_id_and_downstream(tmp_path, change):
+    path = write(tmp_path, {})
+    base = load_plan(str(path)).cells[0].stages
+    changed = load_plan(str(path), ["seeds=[3]" if change.startswith("seed") else f"base.{change}"]).cells[0].stages
+    section = change.split(".")[0].split("=")[0]
+    first = {"data": "toy_data", "toy": "toy_train", "seed": "toy_train", "eval": "toy_eval"}[section]
+    order = ["toy_data", "toy_train", "toy_eval"]
+    for kind in order:
+        same = base[kind].id == changed[kind].id
+        assert same == (order.index(kind) < order.index(first)), (kind, change)
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "study.sweep", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+MALFORMED = {
+    "yaml_syntax": ("name: t\nstages: [toy_data\n", "YAML syntax error"),
+    "unknown_key": ({"launcher": {"backnd": "local"}}, "launcher.backnd: unknown key 'backnd' (did you mean 'backend'?)"),
+    "wrong_type": ({"axes": {"grid": {"toy.lr": [0.1, "fast"]}}}, "axes.grid.toy.lr: expected a number"),
+    "unknown_stage": ({"stages": ["toy_data", "toy_trian"]}, "stages[1]: unknown stage kind 'toy_trian' (did you mean 'toy_train'?)"),
+    "validate_hook": ({"base": {"toy": {"hidden": 0}}}, "base.toy.hidden: must be >= 1"),
+    "zip_mismatch": ({"axes": {"zip": {"toy.lr": [0.1, 0.2], "toy.hidden": [4]}}}, "axes.zip: zipped lists must have equal lengths"),
+    "unknown_axis_key": ({"axes": {"grid": {"toy.lrr": [0.1]}}}, "axes.grid.toy.lrr: unknown key 'lrr' in toy (did you mean 'toy.lr'?)"),
+    "unknown_section": ({"base": {"tokenzier": {}}}, "base.tokenzier: no stage reads section 'tokenzier'"),
+    "missing_file": (None, "file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_spec_is_one_line_exit_2_and_no_side_effects(tmp_path, case):
+    content, expected = MALFORMED[case]
+    study = tmp_path / "study"
+    if content is None:
+        path = tmp_path / "missing.yaml"
+    elif isinstance(content, str):
+        path = tmp_path / "s.yaml"
+        path.write_text(content + f"study_dir: {study}\n")
+    else:
+        path = write(tmp_path, content)
+    # in-process for most, one real subprocess for the exit code contract
+    if case in ("unknown_key", "missing_file"):
+        proc = _cli(tmp_path, str(path))
+        code, err = proc.returncode, proc.stderr
+    else:
+        import contextlib, io
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            code = main([str(path)])
+        err = buf.getvalue()
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert expected in lines[0] and str(path) in lines[0], lines[0]
+    assert not study.exists()
+
+
+def test_bad_override_and_filter_typo_name_their_key(tmp_path):
+    path = write(tmp_path, {"include": [{"toy.hiden": 4}]})
+    with pytest.raises(ConfigError, match=r"include\[0\]\.toy\.hiden: .*did you mean 'toy.hidden'"):
+        load_plan(str(path))
+    with pytest.raises(ConfigError, match=r"seeds\[0\]: expected an integer"):
+        load_plan(str(write(tmp_path, {})), ["seeds=[x]"])
+
+
+def test_example_sweep_loads():
+    plan = load_plan(str(REPO / "sweeps" / "toy.yaml"))
+    assert len(plan.cells) == 8 and sum(s.kind == "toy_data" for s in plan.stages.values()) == 1
