@@ -178,6 +178,30 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
     fail(f"expected {_type_name(tp)}, got {value!r}")
 
 
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _merge_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a dataclass-valued field updates the field's default instead of
+    replacing it (so `optim: {lr: 1e-3}` keeps a preset's betas and warmup)."""
+    if not isinstance(value, dict):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return value
+    if not (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return value
+    return _deep_update(to_dict(default), value)
+
+
 def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
     hints = typing.get_type_hints(cls)
@@ -189,7 +213,7 @@ def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: st
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown key '{key}' ({fix})", source=source, key=path)
-        kwargs[key] = _convert(value, hints[key], path, source)
+        kwargs[key] = _convert(_merge_default(fields[key], value), hints[key], path, source)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             path = f"{prefix}.{name}" if prefix else name

@@ -86,3 +86,13 @@ def test_flatten_gives_dotted_params():
     cfg = load(Run, data={"name": "a"})
     flat = flatten(cfg)
     assert flat["optim.lr"] == 1e-4 and flat["name"] == "a" and flat["steps"] == 10
+
+
+@dataclass
+class Preset:
+    optim: Optim = field(default_factory=lambda: Optim(lr=5e-4, betas=(0.8, 0.9)))
+
+
+def test_partial_mapping_updates_the_default_instead_of_replacing_it():
+    cfg = load(Preset, data={"optim": {"lr": 1e-3}})
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
