@@ -307,6 +307,7 @@ def run_tok_eval(ctx: StageContext) -> dict:
     return out
 
 
+@torch.no_grad()
 def _latent_probe(tokenizer, data: DataConfig, ev: EvalConfig) -> dict:
     """Linear probe on the flattened tokenizer latents (code vectors for VFMTok)."""
     def features(split: str, n: int):
