@@ -33,7 +33,7 @@ from study.config import dump_yaml
 from study.ledger import ACTIVE, State
 from study.spec import LauncherSpec, Resources
 from study.stages import Stage, StageContext, Upstream, get_kind, load_providers
-from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_artifact, log_metrics, set_tags
+from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_stage_result, set_tags
 from study.training import Callback
 
 
@@ -126,10 +126,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
         ledger.update_status(sdir, state=State.COMPLETED.value, ended=ended,
                              runtime_s=ended - status["started"])
     if tracker and item.run_ids:
-        numeric = {f"{stage.kind}/{k}": v for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        log_metrics(tracker, item.run_ids, numeric, step=0)
-        log_artifact(tracker, item.run_ids, sdir / "config.yaml", f"stages/{stage.kind}")
+        log_stage_result(tracker, item.run_ids, stage.kind, sdir, result)
         if item.finishes:
             end_runs(tracker, item.finishes, "FINISHED")
     return result

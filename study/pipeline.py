@@ -153,15 +153,28 @@ def check_backbone(cfg: VFMStage) -> None:
                           "or give vfm.weights for a checkpoint trained elsewhere)", key="vfm.name")
 
 
-def missing_weights(cfg: VFMStage) -> Optional[str]:
-    """The error a run of this stage would hit for want of a weight file, or None."""
-    if cfg.vfm.name.startswith(("inhouse:", "random:")):
+def spec_missing(spec: Optional[VFMSpec]) -> Optional[str]:
+    """The error building `spec` would raise for want of a weight file, or None."""
+    if spec is None or spec.name.startswith(("inhouse:", "random:")):
         return None
     try:
-        resolve_weights(get_entry(cfg.vfm.name), cfg.vfm)
+        resolve_weights(get_entry(spec.name), spec)
     except MissingWeightsError as err:
         return str(err)
     return None
+
+
+def missing_data(cfg: ReferenceStage) -> Optional[str]:
+    """Real datasets are read from local files only: name the folder a run would not find."""
+    data = cfg.data
+    if data.name == "shapes" or (data.root and Path(data.root).expanduser().is_dir()):
+        return None
+    return f"data: {data.name} folder {data.root!r} not found (set data.root to the local copy; nothing is downloaded)"
+
+
+def missing_tokenizer_inputs(cfg: TokenizerStage) -> Optional[str]:
+    part = cfg.tokenizer
+    return spec_missing(part.disc_vfm) if part.loss.gan_weight > 0 else None
 
 
 def tokenizer_config(data: DataConfig, vfm: VFMSpec, part: Any, out_dir: Path) -> TokenizerRunConfig:
@@ -229,7 +242,7 @@ def _decode(tokenizer, codes: torch.Tensor, batch_size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- stages
-@register_stage("reference", ReferenceStage)
+@register_stage("reference", ReferenceStage, missing=missing_data)
 def run_reference(ctx: StageContext) -> dict:
     """The classifier whose feature space defines fd_ref (trained once per dataset)."""
     cfg: ReferenceStage = ctx.config
@@ -239,7 +252,7 @@ def run_reference(ctx: StageContext) -> dict:
     return {"val_acc": float(clf.meta["val_acc"]), "classifier": str(path.relative_to(ctx.dir))}
 
 
-@register_stage("vfm", VFMStage, validate=check_backbone)
+@register_stage("vfm", VFMStage, validate=check_backbone, missing=lambda cfg: spec_missing(cfg.vfm))
 def run_vfm(ctx: StageContext) -> dict:
     """Pretrain an in-house backbone (or load a published one), then probe its features."""
     cfg: VFMStage = ctx.config
@@ -262,7 +275,8 @@ def run_vfm(ctx: StageContext) -> dict:
     return out
 
 
-@register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_tokenizer)
+@register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_tokenizer,
+                missing=missing_tokenizer_inputs)
 def run_tokenizer(ctx: StageContext) -> dict:
     """Train VFMTok / VFMAE on the frozen backbone; export the train split's codes (+ flips)."""
     cfg: TokenizerStage = ctx.config

@@ -164,6 +164,7 @@ class SweepSpec:
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: Optional[SearchSpec] = None
     plugins: list[str] = field(default_factory=list)  # modules to import: they register stage kinds
+    report: bool = nonsemantic(True)  # write <study_dir>/report (python -m analysis.report) when a run ends
     study_dir: str = nonsemantic("studies/{name}")  # stage cache + ledger + mlflow db; {name} is filled in
 
     def __post_init__(self):

@@ -61,6 +61,7 @@ class StageKind:
     needs: tuple[str, ...] = ()
     validate: Optional[Callable[[Any], None]] = None  # raise ConfigError(msg, key="section.field")
     version: str = "1"  # bump to invalidate every cached result of this kind
+    missing: Optional[Callable[[Any], Optional[str]]] = None  # an absent input file (weights), or None
 
     @property
     def sections(self) -> list[str]:
@@ -71,17 +72,20 @@ _KINDS: dict[str, StageKind] = {}
 
 
 def register_stage(name: str, config: type, *, needs: tuple[str, ...] = (),
-                   validate: Optional[Callable[[Any], None]] = None, version: str = "1"):
+                   validate: Optional[Callable[[Any], None]] = None, version: str = "1",
+                   missing: Optional[Callable[[Any], Optional[str]]] = None):
     """Decorator registering `run(ctx: StageContext) -> dict` as stage kind `name`.
 
     `config` is a dataclass whose fields are the top-level sections of the cell config this
     stage reads (anything it does not read cannot change its id). `needs` are upstream kinds.
-    The result dict must be JSON-able (final metrics, paths relative to ctx.dir)."""
+    The result dict must be JSON-able (final metrics, paths relative to ctx.dir).
+    `missing(cfg)` names an input file a run would lack (e.g. pretrained weights): the dry run
+    lists every one, and a real run refuses to start while any is missing."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"stage '{name}': config must be a dataclass, got {config!r}")
 
     def deco(run: Callable[[StageContext], dict[str, Any]]):
-        _KINDS[name] = StageKind(name, config, run, tuple(needs), validate, version)
+        _KINDS[name] = StageKind(name, config, run, tuple(needs), validate, version, missing)
         return run
     return deco
 

@@ -27,8 +27,8 @@ from typing import Optional
 from study import ledger
 from study.config import ConfigError, flatten
 from study.ledger import ACTIVE, State
-from study.spec import load_spec
-from study.stages import Cell, Plan, build_plan
+from study.spec import get_path, load_spec
+from study.stages import Cell, Plan, build_plan, get_kind
 from study.launch import Scheduler, StageRun, make_backend
 from study import tracking
 
@@ -75,13 +75,23 @@ def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
     for cell in plan.cells:
         run_id = old.get(cell.id)
         if not run_id:
-            tags = {"cell_id": cell.id, "sweep": spec.name,
+            tags = {"cell_id": cell.id, "sweep": spec.name, "vfmstudy.role": "cell", "vfmstudy.cell": cell.id,
+                    **_seed_tag(spec, cell),
                     **{f"stage.{k}": s.id for k, s in cell.stages.items()},
                     **{f"axis.{k}": str(v) for k, v in cell.values.items()}}
             run_id = tracking.start_run(tracker, _cell_name(cell), tags, params=cell.config)
             _log_cached(plan, tracker, cell, run_id)
         manifest.setdefault("run_ids", {})[cell.id] = run_id
     return tracker
+
+
+def _seed_tag(spec, cell: Cell) -> dict[str, str]:
+    """The cell's seed (the value at the first seed key), for grouping runs by seed."""
+    for key in spec.seed_keys:
+        value = get_path(cell.config, key, None)
+        if value is not None:
+            return {"seed": str(value)}
+    return {}
 
 
 def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) -> None:
@@ -91,8 +101,7 @@ def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) 
         result = ledger.read_result(st.dir(plan.root))
         if result is not None and _status(plan, st.key)["state"] == State.COMPLETED:
             done += 1
-            tracking.log_metrics(tracker, [run_id], {f"{kind}/{k}": v for k, v in result.items()
-                                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result)
     if done == len(cell.stages):
         tracking.end_runs(tracker, [run_id], "FINISHED")
 
@@ -159,6 +168,19 @@ def _median_runtime(plan: Plan, kind: str) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
+def missing_inputs(plan: Plan) -> list[str]:
+    """Distinct 'input file absent' messages of the stages still to run."""
+    found: dict[str, None] = {}
+    for key, st in plan.stages.items():
+        check = get_kind(st.kind).missing
+        if check is None or _status(plan, key)["state"] == State.COMPLETED:
+            continue
+        message = check(st.config)
+        if message:
+            found.setdefault(message)
+    return list(found)
+
+
 def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
     spec = plan.spec
     lines = [f"sweep '{spec.name}': {len(plan.cells)} cells, {len(plan.stages)} distinct stages "
@@ -192,6 +214,10 @@ def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
                      f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * per_job_h:10.2f}")
     lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
                  "else the timeout as an upper bound). Nothing was run.")
+    missing = missing_inputs(plan)
+    if missing:
+        lines.append(f"missing input files ({len(missing)}; a run would refuse to start):")
+        lines.extend(f"  - {m}" for m in missing)
     return "\n".join(lines)
 
 
@@ -249,6 +275,11 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         return search.run(plan, overrides, detach=detach, quiet=quiet)
     if detach and spec.launcher.backend == "local":
         return _detach_local(plan, overrides, force, retry_failed)
+    missing = missing_inputs(plan)
+    if missing:
+        print("error: missing input files, nothing was started:\n" + "\n".join(f"  - {m}" for m in missing),
+              file=sys.stderr)
+        return 2
     lock = controller_lock(plan)
     manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
     tracker = open_tracking(plan, manifest)
@@ -271,7 +302,21 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
     if tracker:
         _close_failed_runs(plan, tracker, manifest)
     lock.close()
+    if spec.report and tracker:
+        write_report(plan)
     return code
+
+
+def write_report(plan: Plan) -> None:
+    """The sweep's report, in a subprocess: analysis reads MLflow, the engine does not import it,
+    and a failing report never fails the sweep."""
+    out = plan.root / "report"
+    cmd = [sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode == 0:
+        print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else f"report: {out}", flush=True)
+    else:
+        print(f"report failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}", flush=True)
 
 
 def _blocked(plan: Plan, todo: list[str]) -> set[str]:

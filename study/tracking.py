@@ -118,7 +118,7 @@ def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[st
 
 def start_sweep(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> Tracker:
     base = Tracker(uri, experiment_id, "")
-    run_id = start_run(base, name, {"sweep": name, **provenance(), **tags}, parent=True)
+    run_id = start_run(base, name, {"sweep": name, "vfmstudy.role": "sweep", **provenance(), **tags}, parent=True)
     return Tracker(uri, experiment_id, run_id)
 
 
@@ -147,6 +147,20 @@ def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
     """status: FINISHED | FAILED | KILLED."""
     for run_id in run_ids:
         retry(tracker.client.set_terminated, run_id, status)
+
+
+def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: dict) -> None:
+    """A finished stage's result into the cell runs that contain it: numeric values as
+    `<kind>/<key>` metrics, `result["tags"]` as tags (e.g. backbone, family), and the files
+    named in `result["artifacts"]` ({artifact folder: [paths relative to the stage dir]})."""
+    numeric = {f"{kind}/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log_metrics(tracker, run_ids, numeric, step=0)
+    if result.get("tags"):
+        set_tags(tracker, run_ids, result["tags"])
+    log_artifact(tracker, run_ids, Path(stage_dir) / "config.yaml", f"stages/{kind}")
+    for folder, files in (result.get("artifacts") or {}).items():
+        for name in files:
+            log_artifact(tracker, run_ids, Path(stage_dir) / name, folder)
 
 
 class MlflowCallback(Callback):
