@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,15 +309,20 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
 
 
 def write_report(plan: Plan) -> None:
-    """The sweep's report, in a subprocess: analysis reads MLflow, the engine does not import it,
-    and a failing report never fails the sweep."""
+    """The sweep's report (with a screenshot of the MLflow comparison page when Chromium is
+    installed), in subprocesses: analysis reads MLflow, the engine does not import it, and a
+    failing report never fails the sweep."""
     out = plan.root / "report"
-    cmd = [sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode == 0:
-        print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else f"report: {out}", flush=True)
-    else:
-        print(f"report failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}", flush=True)
+    steps = [[sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]]
+    if shutil.which("chromium") and plan.spec.tracking.uri is None:
+        steps.insert(0, [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root),
+                         "--out", str(out / "assets" / "mlflow_compare.png")])
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{' '.join(cmd[1:3])} failed:\n{done.stderr.strip()[-2000:]}", flush=True)
+    if (out / "report.html").is_file():
+        print(f"report: {(out / 'report.html').resolve()}", flush=True)
 
 
 def _blocked(plan: Plan, todo: list[str]) -> set[str]:
