@@ -305,11 +305,10 @@ def run_tok_eval(ctx: StageContext) -> dict:
     codes = _batched(tokenizer.encode, x, ev.batch_size)
     recon = _decode(tokenizer, codes, ev.batch_size)
     out = reconstruction_metrics(images, recon)
-    out.update({f"r{k}": v for k, v in distribution_metrics(RefSpace(_reference(ctx)), recon, images).items()})
-    if ev.inception_weights:
+    out["rfd_ref"] = distribution_metrics(RefSpace(_reference(ctx)), recon, images)["fd_ref"]
+    if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
         from study.metrics.fid import InceptionConfig, rfid
-        out.update({f"r{k}" if k == "fid" else f"r{k}": v for k, v in
-                    rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)).items()})
+        out.update(rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)))
     if tokenizer.cfg.kind == "vfmtok":
         stats = codebook_stats(codes.numpy(), tokenizer.cfg.codebook_size)
         out.update(codebook_usage=stats["usage"], perplexity=stats["perplexity"], token_entropy_bits=stats["entropy_bits"])
@@ -387,8 +386,7 @@ def run_gen_eval(ctx: StageContext) -> dict:
         if ev.inception_weights:
             from study.metrics.fid import InceptionConfig, gfid
             metrics.update(gfid(images, val.images, InceptionConfig(weights_path=ev.inception_weights)))
-        out.update({f"{k.replace('_ref', '')}{suffix}_ref" if k.endswith("_ref") else f"{k}{suffix}": v
-                    for k, v in metrics.items()})
+        out.update({f"{k}{suffix}": v for k, v in metrics.items()})
         if not suffix:
             class_grid(images, labels.numpy(), ctx.dir / "samples.png", num_classes=cfg.data.num_classes)
     out["guidance"] = guided.get("guidance", "cfg")
