@@ -15,6 +15,7 @@ holds the sweep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from study import ledger
-from study.config import ConfigError, flatten
+from study.config import ConfigError, dump_yaml, flatten
 from study.ledger import ACTIVE, State
 from study.spec import get_path, load_spec
 from study.stages import Cell, Plan, build_plan, get_kind
@@ -126,6 +127,10 @@ def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:
 
 # --------------------------------------------------------------------------- manifest
 def write_manifest(plan: Plan, manifest: dict, overrides: list[str]) -> None:
+    """The ledger's manifest, and `sweep.yaml`: the resolved spec (overrides applied), which
+    lets `python -m analysis.report STUDY_DIR` find the sweep from its folder alone."""
+    resolved = dataclasses.replace(plan.spec, study_dir=str(plan.root.resolve()))
+    dump_yaml(resolved, plan.root / "sweep.yaml")
     manifest.update(
         name=plan.spec.name, spec=str(Path(plan.source).resolve()), overrides=overrides,
         backend=plan.spec.launcher.backend, updated=time.time(),
