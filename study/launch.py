@@ -136,6 +136,14 @@ def _is_prune(err: BaseException) -> bool:
     return type(err).__name__ == "TrialPruned"  # optuna stays an optional import for the worker
 
 
+def _limit_threads(cpus: int) -> None:
+    """A job computes on the cores it asked for: torch would otherwise start one thread per core
+    of the node in every job, and jobs sharing a node slow each other down."""
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    import torch
+    torch.set_num_threads(cpus)
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """The submitit callable for one stage. On preemption or timeout submitit calls
     checkpoint(): the stage is marked PREEMPTED and the same job is requeued; the rerun
@@ -143,6 +151,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self, item: StageRun, root: str, plugins: list[str], tracker: Optional[Tracker],
                  retries: int) -> dict:
+        _limit_threads(item.stage.resources.cpus)
         load_providers(plugins)
         return run_stage(item, Path(root), tracker, retries, job_id=_job_id())
 
