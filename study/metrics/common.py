@@ -30,9 +30,8 @@ def _is_channels_last(shape) -> bool:
     return len(shape) == 4 and shape[-1] == 3 and shape[1] != 3
 
 
-def to_uint8_nchw(images) -> torch.Tensor:
-    """Any accepted image batch -> uint8 tensor (N, 3, H, W) on CPU.
-    Floats are read as [-1, 1] and rounded to the nearest level, as a PNG writer would."""
+def _nchw(images) -> torch.Tensor:
+    """Any accepted image batch -> a CPU tensor (N, 3, H, W) of its own dtype."""
     x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images.detach().cpu()
     if x.ndim != 4:
         raise ValueError(f"expected a batch of images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
@@ -40,21 +39,21 @@ def to_uint8_nchw(images) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] != 3:
         raise ValueError(f"expected 3 channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def to_uint8_nchw(images) -> torch.Tensor:
+    """Any accepted image batch -> uint8 tensor (N, 3, H, W) on CPU.
+    Floats are read as [-1, 1] and rounded to the nearest level, as a PNG writer would."""
+    x = _nchw(images)
     if x.dtype == torch.uint8:
         return x.contiguous()
-    x = x.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
 
 
 def to_float_nchw(images) -> torch.Tensor:
     """Any accepted image batch -> float32 tensor (N, 3, H, W) in [-1, 1] on CPU."""
-    x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images.detach().cpu()
-    if x.ndim != 4:
-        raise ValueError(f"expected a batch of images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
-    if _is_channels_last(x.shape):
-        x = x.permute(0, 3, 1, 2)
-    if x.shape[1] != 3:
-        raise ValueError(f"expected 3 channels, got shape {tuple(x.shape)}")
+    x = _nchw(images)
     if x.dtype == torch.uint8:
         return (x.float() / 127.5 - 1.0).contiguous()
     return x.float().contiguous()
