@@ -7,5 +7,7 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread: at these tiny sizes two threads cost more in synchronisation than they gain
+# (measured ~5x slower on a busy 2-core box); subprocess tests set OMP_NUM_THREADS themselves
+torch.set_num_threads(1)
 pytest_plugins = ["tests.slurm_fixtures"]

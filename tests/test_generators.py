@@ -17,13 +17,6 @@ from study.config import ConfigError, load
 from study.training import Callback, OptimConfig, TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box is shared; one intra-op thread is faster than two fighting ones for these sizes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def small_gpt(**kw) -> GPT:
@@ -154,6 +147,7 @@ def test_top_k_and_top_p_filters():
 
 # --------------------------------------------------------------------------- flow matching
 def test_time_shift_is_monotone_and_velocity_target_is_eps_minus_x():
+    torch.manual_seed(0)  # the sampled checks below are statistical: pin them
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     for s in (1.0, 1.5, 4.0):
         ts = shift_time(t, s)

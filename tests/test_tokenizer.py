@@ -17,13 +17,6 @@ from tokenizer.quantizer import CosineVQ
 from tokenizer.sampler import RegionSampler
 from tokenizer.vfm import VFMSpec, build_vfm
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core CI box, 2 threads per process thrash (5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = Path(__file__).resolve().parents[1] / "tokenizer" / "configs" / "tiny.yaml"
