@@ -67,9 +67,10 @@ def make_executor(folder, cluster, **params) -> submitit.AutoExecutor:
     return ex
 
 
-def sacct_states(job_id: str, want: set[str] | None = None, timeout: float = 60.0) -> dict:
-    """{JobID: State} for job_id (and its array tasks), polled until every state is in
-    ``want`` (default: terminal) -- sacct lags squeue by a few seconds."""
+def sacct_states(job_id: str, want: set[str] | None = None, timeout: float = 60.0, count: int = 1) -> dict:
+    """{JobID: State} for job_id (and its array tasks), polled until at least ``count`` records
+    exist and every state is in ``want`` (default: terminal) -- sacct lags squeue by seconds,
+    and an array's tasks reach it one by one."""
     want = want or TERMINAL
     base = job_id.split("_")[0]
     states: dict = {}
@@ -81,7 +82,7 @@ def sacct_states(job_id: str, want: set[str] | None = None, timeout: float = 60.
                   (ln.split("|", 1) for ln in out.splitlines() if "|" in ln)}
         if job_id != base:
             states = {k: v for k, v in states.items() if k == job_id}
-        if states and all(s in want for s in states.values()):
+        if len(states) >= count and all(s in want for s in states.values()):
             return states
         time.sleep(0.5)
     raise AssertionError(f"sacct states of {job_id} never all in {sorted(want)}: {states}")
@@ -113,7 +114,7 @@ def test_submitit_job_array_of_three_completes_and_sacct_says_completed(slurm_cl
     array_id = jobs[0].job_id.split("_")[0]
     assert all(r["job_id"] for r in results)
     assert [j.job_id for j in jobs] == [f"{array_id}_{i}" for i in range(3)]
-    states = sacct_states(array_id)
+    states = sacct_states(array_id, count=3)
     assert states == {f"{array_id}_{i}": "COMPLETED" for i in range(3)}, states
     assert all(j.get_info().get("State") == "COMPLETED" for j in jobs)
 
