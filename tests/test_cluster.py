@@ -21,7 +21,6 @@ from submitit.core.utils import FailedJobError
 
 # The fixture also works when tests/conftest.py does not load the plugin
 # (pytest_plugins = ["tests.slurm_fixtures"] there is what makes "unreachable" a FAILED test).
-from tests.slurm_fixtures import slurm_cluster  # noqa: F401
 
 # The jobs unpickle these functions in a fresh interpreter on the node: ship them by value
 # so that the job does not need to import this test module.

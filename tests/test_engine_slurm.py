@@ -8,7 +8,6 @@ import yaml
 from study import ledger
 from study.ledger import State
 from study.sweep import load_plan, main
-from tests.slurm_fixtures import slurm_cluster  # noqa: F401 -- the fixture
 
 pytestmark = pytest.mark.slurm
 

@@ -1,6 +1,5 @@
 """The MLflow UI serves a sweep's store on 127.0.0.1: its REST API finds the cell runs, and a
 headless-Chromium screenshot of their comparison page lands in the report's assets."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ clamped here); `reconstruct(images)`; `forward(images)` -> dict used by the trai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch

@@ -16,8 +16,6 @@ Public API for the engine and the generators:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
