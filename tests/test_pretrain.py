@@ -15,7 +15,7 @@ from study.training import OptimConfig, build_optimizer, seed_everything
 from timm.models.vision_transformer import VisionTransformer
 from tokenizer.objectives import (OBJECTIVES, ContrastiveConfig, DinoConfig, IbotConfig, ImageTextConfig,
                                   LatentMimConfig, MaeConfig, SupervisedConfig, build_objective)
-from tokenizer.objectives.common import block_mask, random_mask, vit_tokens
+from tokenizer.objectives.common import ColorAugConfig, block_mask, color_augment, random_mask, vit_tokens
 from tokenizer.objectives.dino import entropy, teacher_probs, update_center
 from tokenizer.objectives.image_text import CaptionVocab, colour_words
 from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
@@ -196,6 +196,19 @@ def test_masks_have_the_specified_ratio(shapes_batch):
     on = ratio > 0
     assert 0.4 < float(on.float().mean()) < 0.6  # mask_prob 0.5
     assert float(ratio[on].min()) >= 0.1 - 1 / 16 and float(ratio[on].max()) <= 0.5 + 1 / 16
+
+
+def test_colour_augment_rotates_hue_keeps_structure_and_greys():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8) * 1.2 - 0.6  # inside the gamut, so clamping cannot hide changes
+    assert torch.allclose(color_augment(x, ColorAugConfig(jitter=0, hue=0, grayscale=0)), x, atol=1e-6)
+    y = color_augment(x, ColorAugConfig(jitter=0, hue=0.5, grayscale=0, prob=1.0))
+    luma = lambda z: 0.299 * z[:, 0] + 0.587 * z[:, 1] + 0.114 * z[:, 2]  # noqa: E731
+    inside = ((y > -1) & (y < 1)).all(1)
+    assert torch.allclose(luma(y)[inside], luma(x)[inside], atol=1e-5)  # hue rotation keeps luminance
+    assert float((y - x).abs().amax(dim=(1, 2, 3)).median()) > 0.1  # and changes the colours
+    grey = color_augment(x, ColorAugConfig(jitter=0, hue=0, grayscale=1.0))
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
 
 
 # --------------------------------------------------------------------------- captions

@@ -84,7 +84,9 @@ class DinoDiscriminator(nn.Module):
         self.backbone._apply(fn)  # .to(device) also moves the unregistered frozen backbone
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> logits (B, 4 * h * w)."""
-        taps = levels_with_grad(self.backbone, images)  # 4 x (B, C, h, w), grads reach `images`
+    def forward(self, images: torch.Tensor | None = None, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> logits (B, 4 * h * w).  A caller that already holds the
+        backbone's levels of the images (the tokenizer shares its frozen VFM) passes them as `taps`."""
+        if taps is None:
+            taps = levels_with_grad(self.backbone, images)  # 4 x (B, C, h, w), grads reach `images`
         return torch.cat([head(t.flatten(2)) for head, t in zip(self.heads, taps)], 1)

@@ -64,12 +64,9 @@ def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
 
 
-def feature_matching_loss(vfm: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Substitute for LPIPS: MSE of LayerNorm'ed frozen-VFM level features (x side without grad)."""
-    from tokenizer.model import levels_with_grad
-    with torch.no_grad():
-        real = vfm.levels(x)
-    fake = levels_with_grad(vfm, x_hat)
+def feature_matching_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """Substitute for LPIPS: MSE of per-token LayerNorm'ed frozen-VFM levels of x (`real`, no grad)
+    and x_hat (`fake`, computed with `levels_with_grad` so the loss reaches x_hat)."""
     losses = [F.mse_loss(F.layer_norm(f.float().transpose(1, -1), f.shape[1:2]),
                          F.layer_norm(r.float().transpose(1, -1), r.shape[1:2])) for f, r in zip(fake, real)]
     return torch.stack(losses).mean()

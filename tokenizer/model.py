@@ -152,10 +152,11 @@ class VFMTokenizer(nn.Module):
 
     # ---------------------------------------------------------------- encoder side
     @torch.no_grad()
-    def vfm_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Frozen features: 4 levels (B, C, h, w) (+ CLS for KV when configured) and the semantic
-        target: final patch tokens (B, h*w, C) for vfmtok, [CLS, patches] (B, 1+h*w, C) for vfmae."""
-        levels = [f.float() for f in self.vfm.levels(images)]
+    def vfm_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """Frozen features: 4 levels (B, C, h, w) (+ CLS for KV when configured), the semantic
+        target: final patch tokens (B, h*w, C) for vfmtok, [CLS, patches] (B, 1+h*w, C) for vfmae,
+        and the raw levels (no CLS added), which the perceptual substitute reuses."""
+        raw = levels = [f.float() for f in self.vfm.levels(images)]
         # vfmtok's target: final-norm patch tokens == the last level (saves a second VFM pass)
         final_patches = levels[-1].flatten(2).transpose(1, 2)  # (B, G, C)
         final_with_cls = None
@@ -172,7 +173,7 @@ class VFMTokenizer(nn.Module):
             target = final_patches
         else:
             target = final_with_cls
-        return levels, target
+        return levels, target, raw
 
     def tokens(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return self.sampler(levels)  # (B, N, d)
@@ -186,16 +187,16 @@ class VFMTokenizer(nn.Module):
 
     # ---------------------------------------------------------------- public API
     def forward(self, images: torch.Tensor) -> dict:
-        levels, target = self.vfm_features(images)
+        levels, target, raw = self.vfm_features(images)
         q = self.quantize(self.tokens(levels))
-        out = {**q, "recon": self.decoder(q["z"]), "sem_target": target}
+        out = {**q, "recon": self.decoder(q["z"]), "sem_target": target, "vfm_levels": raw}
         if self.cfg.semantic:
             out["sem_pred"] = self.decoder.predict_semantic(q["z"])
         return out
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ids (B, N) long in raster order of the anchor grid, or latents (B, C, s, s)."""
-        levels, _ = self.vfm_features(images)
+        levels, _, _ = self.vfm_features(images)
         q = self.quantize(self.tokens(levels))
         return q["ids"] if self.cfg.kind == "vfmtok" else q["latent"]
 

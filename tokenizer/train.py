@@ -31,7 +31,7 @@ from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainCon
 from tokenizer.discriminator import DinoDiscriminator
 from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
                               pixel_loss, semantic_loss)
-from tokenizer.model import TokenizerConfig, VFMTokenizer
+from tokenizer.model import TokenizerConfig, VFMTokenizer, levels_with_grad
 from study.metrics.codebook import codebook_stats
 from study.metrics.image import psnr_per_image
 from tokenizer.quantizer import compute_latent_stats
@@ -116,6 +116,7 @@ class TokenizerTask(TrainTask):
         seed_everything(cfg.train.seed)  # the init must not depend on what ran before in this process
         self.model = VFMTokenizer(cfg.model, self.vfm)
         self.disc = None
+        self.disc_shares_vfm = cfg.disc_vfm is None
         if cfg.loss.gan_weight > 0:
             backbone = self.vfm if cfg.disc_vfm is None else build_vfm(cfg.disc_vfm)
             self.disc = DinoDiscriminator(backbone)
@@ -142,8 +143,15 @@ class TokenizerTask(TrainTask):
         recon = out["recon"]
         parts = {"pixel": pixel_loss(images, recon, lc)}
         core = unwrap(model)
-        if lc.perceptual_weight > 0 and lc.perceptual == "feature_matching":
-            parts["perceptual"] = feature_matching_loss(core.vfm, images, recon)
+        feature_matching = lc.perceptual_weight > 0 and lc.perceptual == "feature_matching"
+        gan_on = disc is not None and step >= self.gan_start
+        # the frozen VFM's levels of x_hat serve both the perceptual substitute and a discriminator that
+        # shares the VFM: one backbone pass with gradient instead of two (x's levels come with `out`)
+        out["recon_levels"] = None
+        if feature_matching or (gan_on and self.disc_shares_vfm):
+            out["recon_levels"] = levels_with_grad(core.vfm, recon)
+        if feature_matching:
+            parts["perceptual"] = feature_matching_loss(out["vfm_levels"], out["recon_levels"])
         elif lc.perceptual_weight > 0 and self.lpips is not None:
             parts["perceptual"] = self.lpips.to(images.device)(images, recon)
         if self.cfg.semantic_on:
@@ -153,10 +161,11 @@ class TokenizerTask(TrainTask):
         weights = {"pixel": lc.pixel_weight, "perceptual": lc.perceptual_weight, "semantic": lc.semantic_weight,
                    "vq": lc.vq_weight}
         total = sum(weights[k] * v for k, v in parts.items())
-        if disc is not None and step >= self.gan_start:
+        if gan_on:
             # G's adversarial term goes through the *unwrapped* disc: only D's own loss is DDP-synchronised;
             # the disc grads this leaves behind are cleared by D's zero_grad before its backward.
-            parts["gan_g"] = g_nonsat_loss(unwrap(disc)(recon))
+            logits = unwrap(disc)(taps=out["recon_levels"]) if self.disc_shares_vfm else unwrap(disc)(recon)
+            parts["gan_g"] = g_nonsat_loss(logits)
             total = total + lc.gan_weight * parts["gan_g"]
         if self.cfg.model.kind == "vfmtok":
             total = total + core.decoder.unused_anchor()
@@ -171,8 +180,11 @@ class TokenizerTask(TrainTask):
         if disc is not None:
             losses["disc"] = None
             if step >= self.gan_start:
-                fake = out["recon"].detach()
-                logits = disc(torch.cat([images, fake], 0))  # one forward: one DDP reduction
+                if self.disc_shares_vfm:  # reuse both images' VFM levels; one forward: one DDP reduction
+                    logits = disc(taps=[torch.cat([r, f.detach()]) for r, f in zip(out["vfm_levels"],
+                                                                                    out["recon_levels"])])
+                else:
+                    logits = disc(torch.cat([images, out["recon"].detach()], 0))
                 real_logits, fake_logits = logits.chunk(2, 0)
                 losses["disc"] = self.cfg.loss.gan_weight * d_hinge_loss(real_logits, fake_logits)
                 metrics["disc/logits_real"] = real_logits.detach().float().mean()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -153,26 +154,49 @@ def random_resized_crop(images: torch.Tensor, size: int, scale: tuple[float, flo
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def color_jitter(images: torch.Tensor, strength: float, prob: float = 0.8) -> torch.Tensor:
-    """Brightness / contrast / saturation jitter of [-1, 1] images, each factor ~ U(1 ± s),
-    applied to a `prob` fraction of the batch. No hue jitter: the procedural classes are
-    partly defined by colour, and hue shifts would erase that (named deviation)."""
-    if strength <= 0:
-        return images
+@dataclass
+class ColorAugConfig:
+    """Colour distortion of the two-view objectives (DINO / MoCo v3 / SimCLR recipe: jitter
+    0.4 brightness/contrast/saturation + hue 0.1 with p 0.8, grayscale p 0.2).  On the procedural
+    shapes the fill and background colours are drawn independently of the class, so colour is a
+    pure nuisance there: without hue changes, two views of one image match on colour alone."""
+    jitter: float = 0.4  # brightness / contrast / saturation factors ~ U(1 +- jitter)
+    hue: float = 0.1  # hue rotation ~ U(+-hue) turns (0.5 = any hue)
+    grayscale: float = 0.2  # probability of a grey view
+    prob: float = 0.8  # probability that the jitter (incl. hue) applies to a view
+
+
+# RGB <-> YIQ: hue is the angle in the (I, Q) chroma plane
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def color_augment(images: torch.Tensor, cfg: ColorAugConfig) -> torch.Tensor:
+    """Per-image colour distortion of [-1, 1] images (B, 3, H, W): brightness, contrast,
+    saturation, hue rotation (all applied to a `prob` fraction), then grayscale."""
     b = images.shape[0]
     dev, dt = images.device, images.dtype
+    on = (torch.rand(b, 1, 1, 1) < cfg.prob).float()
 
     def factor():
-        f = 1 + (torch.rand(b, 1, 1, 1) * 2 - 1) * strength
-        on = (torch.rand(b, 1, 1, 1) < prob).float()
-        return (on * f + (1 - on)).to(dev, dt)
+        return (on * (1 + (torch.rand(b, 1, 1, 1) * 2 - 1) * cfg.jitter) + (1 - on)).to(dev, dt)
 
     x = (images + 1) / 2
-    x = x * factor()                                                      # brightness
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * factor() + mean                                      # contrast
-    grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = (x - grey) * factor() + grey                                      # saturation
+    if cfg.jitter > 0:
+        x = x * factor()                                                      # brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factor() + mean                                      # contrast
+        grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        x = (x - grey) * factor() + grey                                      # saturation
+    if cfg.hue > 0:
+        theta = (torch.rand(b) * 2 - 1) * cfg.hue * 2 * math.pi * on.view(b)
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        rot = torch.zeros(b, 3, 3)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
+        mix = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(dev, dt)              # (B, 3, 3)
+        x = torch.einsum("bij,bjhw->bihw", mix, x)
+    if cfg.grayscale > 0:
+        grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        x = torch.where((torch.rand(b, 1, 1, 1) < cfg.grayscale).to(dev), grey, x)
     return x.clamp(0, 1) * 2 - 1
 
 

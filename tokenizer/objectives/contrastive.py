@@ -5,19 +5,19 @@ Published recipe (facebookresearch/moco-v3; models-and-metrics.md §C): τ 0.2, 
 momentum 0.99 -> 1 (cosine), projector 3 layers (4096 hidden, 256 out, BN), predictor 2
 layers, frozen random patch projection (`--stop-grad-conv1`), BYOL augmentations.
 Deviations: hidden 4096 / out 256 -> `hidden` 256 / `out_dim` 64; crops (0.08, 1) ->
-`crop_scale` (0.2, 1) at 32 px; no blur / solarize / grayscale / hue jitter. The exported
+`crop_scale` (0.2, 1) at 32 px; no blur / solarize; colour distortion per `contrastive.color`. The exported
 VFM is the base (query) encoder, as MoCo v3's convert_to_deit.py exports it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (all_gather_nograd, color_jitter, cosine_ramp, make_teacher, mlp,
+from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, color_augment, cosine_ramp, make_teacher, mlp,
                                          rank, random_resized_crop, vit_tokens)
 
 
@@ -28,7 +28,7 @@ class ContrastiveConfig:
     out_dim: int = 64
     momentum: tuple[float, float] = (0.99, 1.0)
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    color_jitter: float = 0.4
+    color: ColorAugConfig = field(default_factory=ColorAugConfig)
     freeze_patch_embed: bool = True
 
 
@@ -45,7 +45,7 @@ class MoCoV3(Objective):
     name, family, exports = "contrastive", "contrastive", "online"
     deviations = (
         "MoCo v3 projector/predictor hidden 4096, out 256 -> contrastive.hidden / out_dim",
-        "crop scale (0.08,1) -> contrastive.crop_scale; no blur/solarize/grayscale/hue jitter",
+        "crop scale (0.08,1) -> contrastive.crop_scale; no blur/solarize (colour: contrastive.color)",
         "batch 4096 -> the study batch (in-batch negatives only)",
         "exported backbone: the base (query) encoder, as convert_to_deit.py exports it",
     )
@@ -68,7 +68,7 @@ class MoCoV3(Objective):
         return cosine_ramp(*self.cfg.momentum, progress)
 
     def view(self, images):
-        return color_jitter(random_resized_crop(images, self.image_size, self.cfg.crop_scale), self.cfg.color_jitter)
+        return color_augment(random_resized_crop(images, self.image_size, self.cfg.crop_scale), self.cfg.color)
 
     def forward(self, images, labels, progress):
         c = self.cfg

@@ -6,7 +6,7 @@ checkpoint provenance by tokenizer.pretrain):
   * head out-dim 65536, hidden 2048, bottleneck 256  -> `out_dim` 1024, `hidden` 256, `bottleneck` 64
   * 2 global crops (0.4, 1) at 224 + 8 local (0.05, 0.4) at 96
         -> 2 global (0.4, 1) at the data resolution + `n_local` 4 local (0.05, 0.4) at half of it
-  * no blur / solarize / grayscale / hue jitter (32 px procedural shapes; colour is a class cue)
+  * no blur / solarize at 32 px; colour distortion (jitter, hue, grayscale) per `dino.color`
   * teacher temperature 0.04 -> 0.07 warm-up over 30 of 100 epochs -> over `teacher_temp_warmup` 0.3 of the steps
   * EMA momentum 0.996 -> 1 (cosine) -> `momentum` 0.99 -> 1: a few hundred steps need a faster teacher
   * last layer frozen for the first epoch -> for the first `freeze_prototypes` fraction of steps
@@ -16,13 +16,13 @@ The exported VFM is the teacher backbone, as DINO releases it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (DINOHead, all_reduce_mean, color_jitter, cosine_ramp,
+from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConfig, color_augment, cosine_ramp,
                                          linear_warmup, make_teacher, random_resized_crop, vit_tokens)
 
 
@@ -36,7 +36,7 @@ class DinoConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     local_size_ratio: float = 0.5  # local crop side / image side (96 / 224 ≈ 0.43 in DINO)
-    color_jitter: float = 0.4
+    color: ColorAugConfig = field(default_factory=ColorAugConfig)
     student_temp: float = 0.1
     teacher_temp: tuple[float, float] = (0.04, 0.07)  # (start, end) of the warm-up
     teacher_temp_warmup: float = 0.3  # fraction of training
@@ -80,7 +80,7 @@ class DINO(Objective):
     deviations = (
         "DINO head out_dim 65536/hidden 2048/bottleneck 256 -> dino.out_dim/hidden/bottleneck",
         "multi-crop 2 global (0.4,1)@224 + 8 local (0.05,0.4)@96 -> 2 global @image size + dino.n_local local @local_size_ratio",
-        "no blur/solarize/grayscale/hue jitter (brightness/contrast/saturation jitter only)",
+        "no blur/solarize; colour jitter/hue/grayscale per dino.color (recipe: 0.4/0.1/0.2)",
         "teacher temp warm-up 30 epochs -> dino.teacher_temp_warmup fraction of steps",
         "EMA momentum 0.996->1 -> dino.momentum (faster teacher for a few hundred steps)",
         "last layer frozen 1 epoch -> dino.freeze_prototypes fraction of steps",
@@ -110,7 +110,7 @@ class DINO(Objective):
         c = self.cfg
 
         def view(size, scale):
-            return color_jitter(random_resized_crop(images, size, scale), c.color_jitter)
+            return color_augment(random_resized_crop(images, size, scale), c.color)
         return ([view(self.image_size, c.global_scale) for _ in range(2)],
                 [view(self.local_size, c.local_scale) for _ in range(c.n_local)])
 

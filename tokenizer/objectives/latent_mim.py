@@ -16,14 +16,14 @@ encoder, as for DINO/iBOT; data2vec itself releases the student, noted here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (block_mask, color_jitter, cosine_ramp, make_teacher, num_prefix,
+from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augment, cosine_ramp, make_teacher, num_prefix,
                                          random_resized_crop, vit_blocks, vit_embed)
 
 
@@ -34,7 +34,7 @@ class LatentMimConfig:
     loss_beta: float = 2.0
     momentum: tuple[float, float] = (0.99, 0.999)
     crop_scale: tuple[float, float] = (0.3, 1.0)
-    color_jitter: float = 0.4
+    color: ColorAugConfig = field(default_factory=ColorAugConfig)
 
 
 def layer_targets(layers: list[torch.Tensor], k: int, prefix: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ class LatentMIM(Objective):
         "top-K 6 of 12 blocks -> round(depth * latent_mim.top_k_frac)",
         "targets from block outputs (post-residual), not the FFN output before the last residual",
         "smooth-L1 averaged over elements, not summed over channels / sqrt(D)",
-        "crop scale (0.08,1) at 224 -> latent_mim.crop_scale at 32 px; no hue jitter",
+        "crop scale (0.08,1) at 224 -> latent_mim.crop_scale at 32 px; colour distortion per latent_mim.color",
         "exported backbone: EMA teacher (data2vec releases the student)",
     )
 
@@ -78,7 +78,7 @@ class LatentMIM(Objective):
 
     def forward(self, images, labels, progress):
         c = self.cfg
-        view = color_jitter(random_resized_crop(images, self.image_size, c.crop_scale), c.color_jitter)
+        view = color_augment(random_resized_crop(images, self.image_size, c.crop_scale), c.color)
         b, n = view.shape[0], self.grid[0] * self.grid[1]
         mask = block_mask(b, self.grid, [round(c.mask_ratio * n)] * b, view.device)   # (B, N)
         p = num_prefix(self.backbone)
