@@ -177,8 +177,10 @@ def convergence(runs: pd.DataFrame, out_dir: Path, metric: str = CONVERGENCE, ba
                            "steps_baseline": result.steps_baseline, "steps_best": result.steps_best,
                            "speedup": result.ratio, "low": low, "high": high})
             ax.axhline(result.level, ls="--", c="gray", lw=1)
-            ax.set_title(f"{kind}: {result.best} reaches {result.level:.3g} {result.ratio:.2f}× faster than {base}",
-                         fontsize=9)
+            title = (f"{kind}: {result.best} reaches {result.level:.3g} {result.ratio:.2f}× faster than {base}"
+                     if np.isfinite(result.ratio) else
+                     f"{kind}: {result.best} is at {result.level:.3g} from its first evaluation (vs {base}: not resolved)")
+            ax.set_title(title, fontsize=9)
         ax.set(xlabel="training step", ylabel=metric)
         ax.legend(fontsize=7)
     numbers = {"curves": pd.DataFrame(curves), "speedups": pd.DataFrame(speeds)}

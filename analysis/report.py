@@ -101,6 +101,11 @@ def speedup_sentences(numbers: dict, cfg: ReportConfig, metric: str) -> list[str
     out = []
     for _, s in numbers["speedups"].iterrows():
         where = "where it ends" if cfg.level is None else "the configured level"
+        if not np.isfinite(s["speedup"]):  # the best curve starts at the level: no ratio to give
+            out.append(f"{s['kind']}: {s['best']} is at {metric} = {s['level']:.3g} ({where} for {s['baseline']}) "
+                       f"at its first evaluation (step {s['steps_best']:.0f}), so the speed-up is not resolved "
+                       f"(evaluate the generator earlier and more often: generator.train.eval_every).")
+            continue
         out.append(f"{s['kind']}: {s['best']} reaches {metric} = {s['level']:.3g} ({where} for {s['baseline']}) after "
                    f"{s['steps_best']:.0f} steps vs {s['steps_baseline']:.0f} for {s['baseline']}: "
                    f"{s['speedup']:.2f}× faster ({_pct(cfg)} bootstrap CI over seeds "

@@ -17,8 +17,9 @@ import torch
 
 
 class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights a metric needs are not on this machine (nothing is ever downloaded).
-    The message names the file, where to put it and where an online machine can get it."""
+    """Pretrained weights a metric or a VFM needs are not on this machine (nothing is ever
+    downloaded).  The message names the file, where to put it and where an online machine can
+    get it.  The one class for the whole project (tokenizer.vfm re-exports it)."""
 
 
 def default_cache_dir() -> Path:

@@ -22,13 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import ConfigError
+from study.metrics.common import MissingWeightsError  # one class for every missing weight file
 
 from . import convert, inhouse
 from .registry import ENTRIES, HALF, VFMEntry, get_entry, unknown_name_message
-
-
-class MissingWeightsError(RuntimeError):
-    """Pretrained weights were asked for but no file is available (and the hub is unreachable)."""
 
 
 @dataclasses.dataclass
