@@ -165,7 +165,8 @@ def convergence(runs: pd.DataFrame, out_dir: Path, metric: str = CONVERGENCE, ba
         matrices = _seed_matrices(long[long["kind"] == kind])
         mean = {b: (m.columns.to_numpy(), m.to_numpy().mean(0)) for b, m in matrices.items()}
         base = baseline if baseline in mean else _worst(mean, lower)
-        result = stats.speedup(mean, base, level, lower)
+        # a speed-up compares backbones: with one there is nothing to compare it with
+        result = stats.speedup(mean, base, level, lower) if len(mean) > 1 else None
         for b, m in matrices.items():
             ax.plot(m.columns, mean[b][1], marker="o", ms=3, label=b)
             ax.fill_between(m.columns, m.min(axis=0), m.max(axis=0), alpha=0.2)

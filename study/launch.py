@@ -126,7 +126,8 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
         ledger.update_status(sdir, state=State.COMPLETED.value, ended=ended,
                              runtime_s=ended - status["started"])
     if tracker and item.run_ids:
-        log_stage_result(tracker, item.run_ids, stage.kind, sdir, result)
+        log_stage_result(tracker, item.run_ids, stage.kind, sdir, result,
+                         step=int(ledger.read_status(sdir).get("step") or 0))
         if item.finishes:
             end_runs(tracker, item.finishes, "FINISHED")
     return result

@@ -103,7 +103,8 @@ def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) 
         result = ledger.read_result(st.dir(plan.root))
         if result is not None and _status(plan, st.key)["state"] == State.COMPLETED:
             done += 1
-            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result)
+            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result,
+                                      step=int(_status(plan, st.key).get("step") or 0))
     if done == len(cell.stages):
         tracking.end_runs(tracker, [run_id], "FINISHED")
 

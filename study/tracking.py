@@ -149,12 +149,16 @@ def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
         retry(tracker.client.set_terminated, run_id, status)
 
 
-def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: dict) -> None:
+def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: dict,
+                     step: int = 0) -> None:
     """A finished stage's result into the cell runs that contain it: numeric values as
     `<kind>/<key>` metrics, `result["tags"]` as tags (e.g. backbone, family), and the files
-    named in `result["artifacts"]` ({artifact folder: [paths relative to the stage dir]})."""
+    named in `result["artifacts"]` ({artifact folder: [paths relative to the stage dir]}).
+    `step`: the stage's last training step, so that a final value shares the x axis of the
+    curve the stage's callback logged under the same name (at step 0 it would read as the
+    curve's starting point)."""
     numeric = {f"{kind}/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_metrics(tracker, run_ids, numeric, step=0)
+    log_metrics(tracker, run_ids, numeric, step=step)
     if result.get("tags"):
         set_tags(tracker, run_ids, result["tags"])
     log_artifact(tracker, run_ids, Path(stage_dir) / "config.yaml", f"stages/{kind}")
