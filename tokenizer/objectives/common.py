@@ -168,6 +168,7 @@ class ColorAugConfig:
 
 # RGB <-> YIQ: hue is the angle in the (I, Q) chroma plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 def color_augment(images: torch.Tensor, cfg: ColorAugConfig) -> torch.Tensor:
@@ -192,7 +193,7 @@ def color_augment(images: torch.Tensor, cfg: ColorAugConfig) -> torch.Tensor:
         cos, sin = torch.cos(theta), torch.sin(theta)
         rot = torch.zeros(b, 3, 3)
         rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
-        mix = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(dev, dt)              # (B, 3, 3)
+        mix = (_YIQ_INV @ rot @ _YIQ).to(dev, dt)              # (B, 3, 3)
         x = torch.einsum("bij,bjhw->bihw", mix, x)
     if cfg.grayscale > 0:
         grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
