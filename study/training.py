@@ -169,9 +169,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         ema_params = dict(self.module.named_parameters())
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                ema_params[name].lerp_(param.detach(), 1.0 - self.decay)
+        pairs = [(ema_params[name], p.detach()) for name, p in module.named_parameters() if p.requires_grad]
+        if pairs:  # one fused lerp over all tensors (hundreds of small ones in the tiny presets)
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.decay)
         ema_buffers = dict(self.module.named_buffers())
         for name, buf in module.named_buffers():
             ema_buffers[name].copy_(buf)

@@ -146,7 +146,34 @@ def test_encoder_token_k_ignores_queries_after_k(causal):
 def _decoder(causal: bool):
     cnn = CNNUpsampler(16, 4, (1, 2), 0, 4)
     return ViTDecoder(dim=16, depth=2, n_heads=2, attn_dropout=0.0, causal=causal, num_tokens=9, n_registers=2,
-                      vfm_grid=(4, 4), pixel_grid=(3, 3), semantic="shared", vfm_width=8, cnn=cnn).eval()
+                      vfm_grid=(4, 4), pixel_grid=(3, 3), semantic="shared" if causal else "separate",
+                      vfm_width=8, cnn=cnn).eval()
+
+
+def test_shared_semantic_branch_from_one_memory_prefix_equals_two_full_passes():
+    """Training continues the causal memory prefix with both query sets; it must equal running the
+    transformer over [memory | pixel queries] and [memory | semantic queries] separately."""
+    torch.manual_seed(0)
+    dec = _decoder(causal=True)
+    tokens = torch.randn(3, 9, 16, requires_grad=True)
+    images, semantic = dec.forward_train(tokens)
+    full = dec.transformer(torch.cat([dec.memory(tokens), dec.semantic_queries().expand(3, -1, -1)], 1))
+    semantic_ref = dec.semantic_head(full[:, 9 + 1:9 + 1 + 16])
+    images_ref = dec(tokens)  # inference: one full pass over [memory | pixel queries]
+    torch.testing.assert_close(images, images_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(semantic, semantic_ref, atol=1e-5, rtol=1e-5)
+    g_img, g_sem = torch.randn_like(images), torch.randn_like(semantic)
+    params = [tokens] + [p for p in dec.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((images * g_img).sum() + (semantic * g_sem).sum(), params, allow_unused=True)
+    grads_ref = torch.autograd.grad((images_ref * g_img).sum() + (semantic_ref * g_sem).sum(), params,
+                                    allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="separate"):
+        ViTDecoder(dim=16, depth=1, n_heads=2, attn_dropout=0.0, causal=False, num_tokens=9, n_registers=0,
+                   vfm_grid=(4, 4), pixel_grid=(3, 3), semantic="shared", vfm_width=8, cnn=dec.cnn)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -189,10 +189,8 @@ class VFMTokenizer(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         levels, target, raw = self.vfm_features(images)
         q = self.quantize(self.tokens(levels))
-        out = {**q, "recon": self.decoder(q["z"]), "sem_target": target, "vfm_levels": raw}
-        if self.cfg.semantic:
-            out["sem_pred"] = self.decoder.predict_semantic(q["z"])
-        return out
+        recon, sem_pred = self.decoder.forward_train(q["z"])
+        return {**q, "recon": recon, "sem_pred": sem_pred, "sem_target": target, "vfm_levels": raw}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ids (B, N) long in raster order of the anchor grid, or latents (B, C, s, s)."""
