@@ -92,13 +92,19 @@ class PruningCallback(Callback):
 
 
 class TrialJob(submitit.helpers.Checkpointable):
-    """One trial = one job. A requeued trial job asks a new trial; the interrupted one is
-    failed by the controller's stale-trial check and its stages resume from checkpoints."""
+    """One trial = one job.  The trial number lives on the job object, which submitit pickles when
+    it checkpoints a preempted or timed-out job: the requeued job continues the same trial (same
+    params, stages resumed from their checkpoints) instead of asking a new one and leaving the
+    first RUNNING forever (a requeued Slurm job keeps its id, so it never looks stale)."""
 
-    def __call__(self, spec: SweepSpec, source: str, tracker: Optional[tracking.Tracker]) -> list[float]:
-        load_providers(spec.plugins)
-        s, root = spec.search, spec.root
-        study = open_study(spec)
+    def __init__(self):
+        self.trial_number: Optional[int] = None
+
+    def _trial(self, study: optuna.Study, s: SearchSpec, root: Path) -> tuple[optuna.Trial, dict]:
+        running = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        if self.trial_number in running:  # requeued: suggest() returns the params already drawn
+            trial = optuna.Trial(study, running[self.trial_number]._trial_id)
+            return trial, {key: _suggest(trial, key, p) for key, p in s.space.items()}
         with ledger.file_lock(root / ".optuna-ask.lock"):
             if s.seed is not None:
                 # every worker builds its own sampler: the same seed in each would draw the
@@ -106,6 +112,14 @@ class TrialJob(submitit.helpers.Checkpointable):
                 study.sampler = _sampler(dataclasses.replace(s, seed=s.seed + len(study.get_trials(deepcopy=False))))
             trial = study.ask()
             params = {key: _suggest(trial, key, p) for key, p in s.space.items()}
+        self.trial_number = trial.number
+        return trial, params
+
+    def __call__(self, spec: SweepSpec, source: str, tracker: Optional[tracking.Tracker]) -> list[float]:
+        load_providers(spec.plugins)
+        s, root = spec.search, spec.root
+        study = open_study(spec)
+        trial, params = self._trial(study, s, root)
         trial.set_user_attr("job_id", _job_id())
         trial.set_user_attr("host", ledger.here()["host"])
         trial.set_user_attr("pid", ledger.here()["pid"])
@@ -122,11 +136,14 @@ class TrialJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"trial {trial.number}: {err}") from None
         cell = plan.cells[0]
         run_ids = []
-        if tracker:
-            tags = {"optuna.trial_number": str(trial.number), "optuna.study": study.study_name,
-                    "cell_id": cell.id, **{f"stage.{k}": st.id for k, st in cell.stages.items()}}
-            run_ids = [tracking.start_run(tracker, f"trial-{trial.number}", tags, params=cell.config)]
-            trial.set_user_attr("mlflow_run_id", run_ids[0])
+        if tracker:  # a requeued trial keeps reporting to its run
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id is None:
+                tags = {"optuna.trial_number": str(trial.number), "optuna.study": study.study_name,
+                        "cell_id": cell.id, **{f"stage.{k}": st.id for k, st in cell.stages.items()}}
+                run_id = tracking.start_run(tracker, f"trial-{trial.number}", tags, params=cell.config)
+                trial.set_user_attr("mlflow_run_id", run_id)
+            run_ids = [run_id]
         trial.set_user_attr("cell_id", cell.id)
         prune_kind, _, prune_metric = (s.prune_on or "").partition("/")
         results = {}

@@ -1,9 +1,15 @@
 """Optuna search: parallel pull workers on a journal file, no duplicate and no lost trial; pruning."""
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import optuna
 import yaml
 
+from study import ledger
+from study.ledger import State
 from study.search import open_study
 from study.sweep import load_plan, main
 
@@ -55,3 +61,32 @@ def test_pruning_from_training_curve(tmp_path):
     assert all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states)
     reported = [t for t in study.get_trials() if t.intermediate_values]
     assert reported and all(set(t.intermediate_values) <= {5, 10, 15, 20, 25, 30} for t in reported)
+
+
+def test_preempted_trial_job_continues_its_trial(tmp_path):
+    """A preempted trial job is requeued by submitit with its pickled state: it must continue the
+    same trial (its training stage resuming from the checkpoint), not ask a second trial and leave
+    the first RUNNING for ever."""
+    slow = {**FAST, "steps": 60, "ckpt_every": 5}
+    path = write(tmp_path, {"n_trials": 1, "metric": "toy_train/val_mse", "sampler": "random", "seed": 0,
+                            "space": {"toy.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}},
+                 {"backend": "local", "max_parallel": 1, "poll_s": 0.3})
+    spec = yaml.safe_load(Path(path).read_text())
+    spec["base"]["toy"] = {"train": slow, "step_sleep_s": 0.1}
+    Path(path).write_text(yaml.safe_dump(spec))
+    exit_code = []
+    controller = threading.Thread(target=lambda: exit_code.append(main([path])))
+    controller.start()
+    train_dirs = Path(tmp_path) / "study" / "stages" / "toy_train"
+    deadline = time.time() + 240
+    while not list(train_dirs.glob("*/checkpoints/last.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    stage_dir = next(train_dirs.iterdir())
+    # the preemption signal, to the job's process as Slurm sends it
+    os.kill(ledger.read_status(stage_dir)["pid"], signal.SIGUSR2)
+    controller.join(timeout=240)
+    assert exit_code == [0]
+    trials = open_study(load_plan(path).spec).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    status = ledger.read_status(stage_dir)
+    assert status["state"] == State.COMPLETED and status["attempt"] == 2  # before and after the requeue
