@@ -248,7 +248,7 @@ class ViTDecoder(nn.Module):
 
         Shared: the pixel and the semantic query sets continue the same causal memory prefix, so
         the memory's keys/values are computed once and both continue from them; the result equals
-        two full passes over [memory | queries] (tested), at ~3/4 of their cost in the tiny preset."""
+        two full passes over [memory | queries] (tested), at 2/3 (1 layer) to 3/4 (2 layers) of their cost in tiny."""
         B, N, _ = tokens.shape
         if self.semantic != "shared":
             semantic = None
