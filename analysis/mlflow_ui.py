@@ -13,7 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from analysis.screenshot import compare_url, screenshot
+from analysis.screenshot import browser, compare_url, screenshot, skipped_note
 from study.cluster.mlflow_server import MlflowServer
 
 
@@ -39,6 +39,7 @@ def cell_runs(base_url: str) -> tuple[str, list[str]]:
 def capture_compare(study_dir: str | Path, out_png: str | Path, max_runs: int = 12) -> tuple[Path, list[str]]:
     """Screenshot of the MLflow comparison page of the sweep in `study_dir` (its mlflow.db)."""
     study_dir = Path(study_dir)
+    browser()  # before starting a server for nothing
     if not (study_dir / "mlflow.db").is_file():
         raise FileNotFoundError(f"{study_dir / 'mlflow.db'} not found (the sweep's default sqlite store)")
     with MlflowServer(study_dir) as server:
@@ -53,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study_dir")
     parser.add_argument("--out", help="PNG path (default: <study_dir>/report/assets/mlflow_compare.png)")
     args = parser.parse_args(argv)
-    out = args.out or Path(args.study_dir) / "report" / "assets" / "mlflow_compare.png"
+    out = Path(args.out or Path(args.study_dir) / "report" / "assets" / "mlflow_compare.png")
+    skipped_note(out).unlink(missing_ok=True)
     try:
         path, runs = capture_compare(args.study_dir, out)
     except (FileNotFoundError, LookupError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # the report says what it left out, and why, instead of silently missing a section
+        out.parent.mkdir(parents=True, exist_ok=True)
+        skipped_note(out).write_text(str(err))
+        print(f"MLflow UI screenshot skipped: {err}", file=sys.stderr)
         return 2
     print(f"mlflow compare page of {len(runs)} cell runs: {path}")
     return 0

@@ -24,6 +24,7 @@ import pandas as pd
 from analysis import figures, stats
 from analysis.figures import SERIES, Plot
 from analysis.results import describe, direction, load_sweep
+from analysis.screenshot import skipped_note
 from study.config import ConfigError, load
 from study.spec import load_spec
 
@@ -201,7 +202,7 @@ def _img(path: Path, alt: str) -> str:
 
 
 def render(title: str, intro: str, sections: list[Section], summary: list[str], screenshot: Optional[Path],
-           runs_table: pd.DataFrame, out_dir: Path) -> tuple[str, str]:
+           runs_table: pd.DataFrame, out_dir: Path, left_out: Optional[str] = None) -> tuple[str, str]:
     """(HTML, Markdown) of the report; Markdown links figures relative to `out_dir`."""
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
@@ -228,6 +229,9 @@ def render(title: str, intro: str, sections: list[Section], summary: list[str], 
     if screenshot is not None:
         h += ["<h2>MLflow UI: the sweep's runs compared</h2>", _img(screenshot, "MLflow compare view")]
         md += ["## MLflow UI: the sweep's runs compared", "", f"![MLflow compare view]({SCREENSHOT})", ""]
+    elif left_out:
+        h += ["<h2>MLflow UI: the sweep's runs compared</h2>", f"<p class='missing'>{html.escape(left_out)}</p>"]
+        md += ["## MLflow UI: the sweep's runs compared", "", f"*{left_out}*", ""]
     h.append("</body></html>")
     return "\n".join(h), "\n".join(md)
 
@@ -245,8 +249,12 @@ def report(runs: pd.DataFrame, out_dir: Path, cfg: Optional[ReportConfig] = None
              f"{_pct(cfg)} Student-t over seeds; with few seeds the bootstrap p-values are coarse, so a ranking "
              f"is called significant only when Welch's t-test agrees. fd_ref / rfd_ref are Fréchet distances in the project's "
              f"reference-classifier feature space (an offline proxy, not FID).")
+    left_out = None
+    if not screenshot.is_file() and skipped_note(screenshot).is_file():
+        left_out = f"MLflow UI screenshot skipped: {skipped_note(screenshot).read_text().strip()}"
+        summary.append(left_out)
     page, md = render(f"vfmstudy report: {name}", intro, sections, summary,
-                      screenshot if screenshot.is_file() else None, overview(runs), out_dir)
+                      screenshot if screenshot.is_file() else None, overview(runs), out_dir, left_out)
     (out_dir / "report.md").write_text(md)
     path = out_dir / "report.html"
     path.write_text(page)

@@ -21,7 +21,12 @@ def browser() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise FileNotFoundError(f"none of {', '.join(BROWSERS)} on PATH (install it: apt-get install -y chromium)")
+    raise FileNotFoundError(f"no Chromium on PATH (none of {', '.join(BROWSERS)}; as root: apt-get install -y chromium)")
+
+
+def skipped_note(png: str | Path) -> Path:
+    """The text file next to a screenshot's path that says why it was not taken."""
+    return Path(png).with_suffix(".skipped.txt")
 
 
 def screenshot(url: str, path: str | Path, size: tuple[int, int] = (1400, 900), wait_ms: int = 5000,

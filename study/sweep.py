@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import fcntl
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -315,18 +314,24 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
 
 
 def write_report(plan: Plan) -> None:
-    """The sweep's report (with a screenshot of the MLflow comparison page when Chromium is
-    installed), in subprocesses: analysis reads MLflow, the engine does not import it, and a
-    failing report never fails the sweep."""
+    """The sweep's report (with a screenshot of the MLflow comparison page), in subprocesses:
+    analysis reads MLflow, the engine does not import it, and a failing report never fails the
+    sweep. A screenshot that cannot be taken (no Chromium, a remote store) is named in the report
+    and in the last lines printed here."""
     out = plan.root / "report"
+    shot = [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root),
+            "--out", str(out / "assets" / "mlflow_compare.png")]
     steps = [[sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]]
-    if shutil.which("chromium") and plan.spec.tracking.uri is None:
-        steps.insert(0, [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root),
-                         "--out", str(out / "assets" / "mlflow_compare.png")])
+    if plan.spec.tracking.uri is None:
+        steps.insert(0, shot)
+    else:
+        print(f"MLflow UI screenshot skipped: the sweep tracks to {plan.spec.tracking.uri} "
+              f"(take it by hand: python -m analysis.mlflow_ui ...)", flush=True)
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"{' '.join(cmd[1:3])} failed:\n{done.stderr.strip()[-2000:]}", flush=True)
+            tail = done.stderr.strip()[-2000:]
+            print(tail if cmd is shot else f"{' '.join(cmd[1:3])} failed:\n{tail}", flush=True)
     if (out / "report.html").is_file():
         print(f"report: {(out / 'report.html').resolve()}", flush=True)
 

@@ -334,12 +334,9 @@ def test_explore_notebook_executes_on_the_sweep(sweep, monkeypatch, tmp_path):
 
 
 def test_screenshot_of_a_local_page(tmp_path):
-    from analysis.screenshot import browser, screenshot
+    from analysis.screenshot import screenshot
 
-    try:
-        browser()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    # Chromium is installed by README's test command (study/cluster/setup.sh --dev): without it this fails
     (tmp_path / "index.html").write_text("<html><body style='background:#08f'><h1>vfmstudy</h1></body></html>")
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -351,6 +348,19 @@ def test_screenshot_of_a_local_page(tmp_path):
     image = Image.open(png).convert("RGB")
     assert image.size == (640, 400)
     assert image.getpixel((600, 380)) == (0, 136, 255)  # the page's background, not a blank shot
+
+
+def test_report_says_why_the_mlflow_screenshot_is_missing(runs, tmp_path, monkeypatch, capsys):
+    from analysis import mlflow_ui
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no browser on PATH
+    png = tmp_path / "report" / "assets" / "mlflow_compare.png"
+    assert mlflow_ui.main([str(tmp_path), "--out", str(png)]) == 2
+    assert "MLflow UI screenshot skipped: no Chromium on PATH" in capsys.readouterr().err
+    monkeypatch.undo()
+    page = report(runs, tmp_path / "report", ReportConfig(n_boot=100)).read_text()
+    assert "MLflow UI screenshot skipped: no Chromium on PATH" in page
+    assert "apt-get install -y chromium" in page
 
 
 def test_analysis_never_imports_models_or_torch():

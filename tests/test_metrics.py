@@ -240,7 +240,7 @@ def test_ssim_and_psnr_known_values():
 
 
 def test_ssim_matches_skimage():
-    metrics = pytest.importorskip("skimage.metrics")
+    from skimage import metrics  # a dev extra: missing it is a failure, not a skip
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
