@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from study.metrics.representation import cknna, hsic_unbiased, mutual_knn, rankme, spatial_structure
+from study.metrics.representation import (cknna, hsic_unbiased, mutual_knn, property_report, rankme,
+                                          spatial_structure)
 
 
 def _smooth_maps(B=4, h=16, C=32, seed=0) -> torch.Tensor:
@@ -148,3 +149,14 @@ def test_rankme_of_gaussian_data_in_a_subspace_is_close_to_its_dimension():
     basis = torch.linalg.qr(torch.randn(64, 8, generator=g))[0]  # (64, 8) orthonormal columns
     z = torch.randn(5000, 8, generator=g) @ basis.T
     assert rankme(z) == pytest.approx(8, abs=0.05)
+
+
+def test_property_report_combines_the_metrics_on_pooled_features():
+    patches = _smooth_maps(B=40, h=8, C=16)
+    reference = torch.randn(40, 5, generator=torch.Generator().manual_seed(3))
+    report = property_report(patches, reference, k=5, prefix="vfm/")
+    pooled = patches.mean((1, 2))
+    assert report == pytest.approx({"vfm/spatial_structure": spatial_structure(patches), "vfm/rankme": rankme(pooled),
+                                    "vfm/mutual_knn": mutual_knn(pooled, reference, 5),
+                                    "vfm/cknna": cknna(pooled, reference, 5)})
+    assert set(property_report(patches)) == {"spatial_structure", "rankme"}

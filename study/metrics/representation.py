@@ -127,3 +127,19 @@ def cknna(a, b, k: int = 10) -> float:
 def rankme(z) -> float:
     """RankMe effective rank of embeddings z (N, D): exp(entropy of s / sum(s))."""
     return effective_rank(z)
+
+
+# --------------------------------------------------------------------------- all of them
+def property_report(patches, reference=None, *, k: int = 10, far: int = 6, prefix: str = "") -> dict[str, float]:
+    """The properties of one representation of N images, keys prefixed (e.g. 'vfm/'):
+    patches (N, h, w, C) -> spatial_structure, and rankme of the mean-pooled (N, C) features;
+    with reference (N, E), features of the same images in a fixed space shared by every backbone,
+    also mutual_knn and cknna of the pooled features against it."""
+    x = _float64(patches)
+    if x.ndim != 4:
+        raise ValueError(f"patches must be (N, h, w, C), got shape {tuple(x.shape)}")
+    pooled = x.mean((1, 2))  # (N, C)
+    out = {"spatial_structure": spatial_structure(x, far), "rankme": rankme(pooled)}
+    if reference is not None:
+        out.update(mutual_knn=mutual_knn(pooled, reference, k), cknna=cknna(pooled, reference, k))
+    return {f"{prefix}{key}": value for key, value in out.items()}
