@@ -28,6 +28,7 @@ from scipy import stats as sps
 
 from analysis.stats import mean_ci
 
+MIN_BACKBONES = 3
 PREDICTOR_COLUMNS = ["property", "metric", "rho", "low", "high", "n_runs", "n_backbones", "resolved"]
 
 
@@ -88,18 +89,22 @@ def backbone_bootstrap(data: pd.DataFrame, group: str, x: str, y: str, n_boot: i
 def predictor_table(runs: pd.DataFrame, properties: Sequence[str], metrics: Sequence[str], *,
                     group: str = "backbone", n_boot: int = 2000, confidence: float = 0.95,
                     seed: int = 0) -> pd.DataFrame:
-    """One row per (property, metric): ρ over all runs, its backbone-bootstrap interval, the
-    numbers of runs and backbones, and whether the interval excludes 0."""
+    """One row per (property, metric): ρ over all runs, its backbone-bootstrap interval (nan with
+    fewer than MIN_BACKBONES backbones), the numbers of runs and backbones, and whether the
+    interval excludes 0."""
     rows = []
     tail = (1 - confidence) / 2 * 100
     for prop in properties:
         for metric in metrics:
             data = _complete(runs, group, prop, metric)
             rho = _spearman(data[prop].to_numpy(float), data[metric].to_numpy(float)) if len(data) > 2 else np.nan
-            boots = backbone_bootstrap(data, group, prop, metric, n_boot, seed) if np.isfinite(rho) else []
+            n_groups = data[group].nunique()
+            # with 2 backbones every resample holds 1 or 2 of them: no interval worth the name
+            enough = np.isfinite(rho) and n_groups >= MIN_BACKBONES
+            boots = backbone_bootstrap(data, group, prop, metric, n_boot, seed) if enough else []
             low, high = np.percentile(boots, [tail, 100 - tail]) if len(boots) else (np.nan, np.nan)
             rows.append({"property": prop, "metric": metric, "rho": rho, "low": float(low), "high": float(high),
-                         "n_runs": len(data), "n_backbones": int(data[group].nunique()),
+                         "n_runs": len(data), "n_backbones": int(n_groups),
                          "resolved": bool(low > 0 or high < 0)})
     return pd.DataFrame(rows, columns=PREDICTOR_COLUMNS)
 
@@ -108,6 +113,9 @@ def predictor_verdict(table: pd.DataFrame, confidence: float = 0.95) -> str:
     """One sentence: the best resolved predictor (largest |ρ|), or that none is resolved."""
     if table.empty or not np.isfinite(table["rho"]).any():
         return "No backbone property could be correlated with a quality metric (too few runs with both)."
+    if not np.isfinite(table["low"]).any():
+        return (f"No predictor can be resolved from {table['n_backbones'].max()} backbones: the backbone "
+                f"bootstrap needs at least {MIN_BACKBONES}.")
     pct = f"{confidence:.0%}"
     resolved = table[table["resolved"]]
     if resolved.empty:

@@ -85,6 +85,13 @@ def test_display_has_one_row_per_property_and_one_column_per_metric():
     assert shown.iloc[0, 1] == "-1.00 [-1.00, -1.00]"
 
 
+def test_two_backbones_give_no_interval():
+    runs = _runs(n_backbones=2, n_seeds=5)
+    row = predictor_table(runs, ["vfm/good"], ["tok_eval/rfd_ref"], n_boot=100).iloc[0]
+    assert row.rho == pytest.approx(-1.0) and np.isnan(row.low) and np.isnan(row.high) and not row.resolved
+    assert predictor_verdict(pd.DataFrame([row])).startswith("No predictor can be resolved from 2 backbones")
+
+
 def test_missing_column_is_named():
     with pytest.raises(KeyError, match="vfm/cknna"):
         predictor_table(_runs(), ["vfm/cknna"], ["tok_eval/psnr"])
