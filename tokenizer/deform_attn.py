@@ -78,16 +78,25 @@ class MSDeformAttn(nn.Module):
                 spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
         """query (B, Q, C); reference_points (B or 1, Q, L, 2) as (x, y) in [0, 1];
         value_in (B, S, C) with S = sum(h*w); spatial_shapes [(h, w)] * L. Returns (B, Q, C)."""
+        B = query.shape[0]
+        H = self.n_heads
+        value = self.value_proj(value_in).view(B, value_in.shape[1], H, self.dim // H)  # (B, S, H, D)
+        loc, weights = self.sampling(query, reference_points, spatial_shapes)
+        out = ms_deform_attn_core(value, spatial_shapes, loc, weights)  # (B, Q, C)
+        return self.output_proj(out)
+
+    def sampling(self, query: torch.Tensor, reference_points: torch.Tensor,
+                 spatial_shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each query looks: locations (B, Q, H, L, P, 2) as (x, y) in [0, 1] of each level,
+        and their attention weights (B, Q, H, L, P), summing to 1 over (L, P) per head."""
         B, Q, _ = query.shape
         H, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_in).view(B, value_in.shape[1], H, self.dim // H)  # (B, S, H, D)
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
         # offsets are in feature pixels of each level: divide by that level's (W, H)
         normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)  # (L, 2)
         loc = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]  # (B, Q, H, L, P, 2)
-        out = ms_deform_attn_core(value, spatial_shapes, loc, weights)  # (B, Q, C)
-        return self.output_proj(out)
+        return loc, weights
 
 
 def initial_offsets(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
