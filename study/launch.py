@@ -28,11 +28,11 @@ from typing import Any, Callable, Optional
 
 import submitit
 
-from study import ledger
+from study import ledger, schema
 from study.config import dump_yaml
 from study.ledger import ACTIVE, State
 from study.spec import LauncherSpec, Resources
-from study.stages import Stage, StageContext, Upstream, get_kind, load_providers
+from study.stages import Stage, StageContext, StageResult, Upstream, get_kind, load_providers, read_stage_result
 from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_stage_result, set_tags
 from study.training import Callback
 
@@ -64,7 +64,7 @@ class _StatusCallback(Callback):
 
 
 def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: int = 0,
-              extra_callbacks: list[Callback] = (), job_id: str = "inline") -> dict:
+              extra_callbacks: list[Callback] = (), job_id: str = "inline") -> StageResult:
     """Execute one stage with its ledger bookkeeping; return its result.
 
     Runs under a per-stage lock, so two jobs that need the same stage (Optuna trials sharing
@@ -75,14 +75,14 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
     sdir.mkdir(parents=True, exist_ok=True)
     with ledger.file_lock(sdir / ".run.lock"):
         status = ledger.read_status(sdir)
-        result = ledger.read_result(sdir)
+        result = read_stage_result(sdir)
         if status["state"] == State.COMPLETED and result is not None:
             return result
         inputs = {}
         for key in stage.upstream:
             kind, sid = key.split("/")
             udir = root / "stages" / kind / sid
-            up = ledger.read_result(udir)
+            up = read_stage_result(udir)
             if up is None or ledger.read_status(udir)["state"] != State.COMPLETED:
                 # blocked, not failed: back to PENDING so that --retry-failed of the upstream
                 # also runs it (Slurm starts it `afterany`, even when the upstream failed)
@@ -90,7 +90,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                 ledger.update_status(sdir, state=State.PENDING.value, note=f"blocked: {msg}")
                 raise StageFailed(msg)
             inputs[kind] = Upstream(udir, up)
-        dump_yaml(stage.config, sdir / "config.yaml")
+        dump_yaml(stage.config, sdir / schema.STAGE_CONFIG)
         kind = get_kind(stage.kind)
         for attempt_in_job in range(retries + 1):
             status = ledger.update_status(
@@ -99,10 +99,12 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
             callbacks = [_StatusCallback(sdir), *extra_callbacks]
             if tracker and item.run_ids:
                 callbacks.append(MlflowCallback(tracker, item.run_ids, stage.kind))
-                set_tags(tracker, item.run_ids, {f"stage.{stage.kind}": stage.id,
-                                                 f"stage.{stage.kind}.job_id": job_id, **job_tags()})
+                set_tags(tracker, item.run_ids, {schema.stage_tag(stage.kind): stage.id,
+                                                 schema.stage_job_tag(stage.kind): job_id, **job_tags()})
             try:
                 result = kind.run(StageContext(stage.config, sdir, inputs, callbacks))
+                if not isinstance(result, StageResult):
+                    raise TypeError(f"stage kind '{stage.kind}' returned {type(result).__name__}, not a StageResult")
                 break
             except Exception as err:
                 if _is_prune(err):
@@ -121,7 +123,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                         end_runs(tracker, item.run_ids, "FAILED")
                     raise
                 time.sleep(min(60.0, 2.0 ** attempt_in_job))
-        ledger.write_result(sdir, result)
+        ledger.write_result(sdir, result.to_json())
         ended = time.time()
         ledger.update_status(sdir, state=State.COMPLETED.value, ended=ended,
                              runtime_s=ended - status["started"])
@@ -153,7 +155,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self, item: StageRun, root: str, plugins: list[str], tracker: Optional[Tracker],
                  retries: int) -> dict:
         _limit_threads(item.stage.resources.cpus)
-        load_providers(plugins)
+        load_providers([item.stage.kind], plugins)
         return run_stage(item, Path(root), tracker, retries, job_id=_job_id())
 
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -417,7 +419,7 @@ class Scheduler:
             if force:
                 reset_stage(sdir, keep_checkpoints=False)
                 todo.append(key)
-            elif state == State.COMPLETED and ledger.read_result(sdir) is not None:
+            elif state == State.COMPLETED and read_stage_result(sdir) is not None:
                 continue
             elif state == State.FAILED:
                 if retry_failed:

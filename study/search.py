@@ -24,7 +24,7 @@ from typing import Optional
 import optuna
 import submitit
 
-from study import ledger, tracking
+from study import ledger, schema, tracking
 from study.config import ConfigError
 from study.launch import StageRun, _job_id, make_backend, run_stage
 from study.spec import CellDraft, Resources, SearchSpec, SweepSpec, set_path
@@ -116,7 +116,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         return trial, params
 
     def __call__(self, spec: SweepSpec, source: str, tracker: Optional[tracking.Tracker]) -> list[float]:
-        load_providers(spec.plugins)
+        load_providers(spec.stages, spec.plugins)
         s, root = spec.search, spec.root
         study = open_study(spec)
         trial, params = self._trial(study, s, root)
@@ -139,8 +139,8 @@ class TrialJob(submitit.helpers.Checkpointable):
         if tracker:  # a requeued trial keeps reporting to its run
             run_id = trial.user_attrs.get("mlflow_run_id")
             if run_id is None:
-                tags = {"optuna.trial_number": str(trial.number), "optuna.study": study.study_name,
-                        "cell_id": cell.id, **{f"stage.{k}": st.id for k, st in cell.stages.items()}}
+                tags = {schema.TRIAL_NUMBER: str(trial.number), schema.OPTUNA_STUDY: study.study_name,
+                        schema.CELL_ID: cell.id, **{schema.stage_tag(k): st.id for k, st in cell.stages.items()}}
                 run_id = tracking.start_run(tracker, f"trial-{trial.number}", tags, params=cell.config)
                 trial.set_user_attr("mlflow_run_id", run_id)
             run_ids = [run_id]
@@ -161,7 +161,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         except Exception:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        values = [float(results[m.split("/")[0]][m.split("/", 1)[1]]) for m in s.metrics]
+        values = [results[m.split("/")[0]].metrics[m.split("/", 1)[1]] for m in s.metrics]
         study.tell(trial, values)
         return values
 

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Optional
 
 from study import ledger
-from study.config import ConfigError, dump_yaml, flatten
+from study.config import ConfigError, dump_yaml
 from study.ledger import ACTIVE, State
 from study.spec import get_path, load_spec
-from study.stages import Cell, Plan, build_plan, get_kind
+from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
 from study.launch import Scheduler, StageRun, make_backend
-from study import tracking
+from study import schema, tracking
 
 COMMANDS = ("run", "status", "wait", "collect")
 
@@ -77,10 +77,10 @@ def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
     for cell in plan.cells:
         run_id = old.get(cell.id)
         if not run_id:
-            tags = {"cell_id": cell.id, "sweep": spec.name, "vfmstudy.role": "cell", "vfmstudy.cell": cell.id,
-                    **_seed_tag(spec, cell),
-                    **{f"stage.{k}": s.id for k, s in cell.stages.items()},
-                    **{f"axis.{k}": str(v) for k, v in cell.values.items()}}
+            tags = {schema.CELL_ID: cell.id, schema.SWEEP: spec.name, schema.ROLE: schema.ROLE_CELL,
+                    schema.CELL: cell.id, **_seed_tag(spec, cell),
+                    **{schema.stage_tag(k): s.id for k, s in cell.stages.items()},
+                    **{schema.AXIS_PREFIX + k: str(v) for k, v in cell.values.items()}}
             run_id = tracking.start_run(tracker, _cell_name(cell), tags, params=cell.config)
             _log_cached(plan, tracker, cell, run_id)
         manifest.setdefault("run_ids", {})[cell.id] = run_id
@@ -92,7 +92,7 @@ def _seed_tag(spec, cell: Cell) -> dict[str, str]:
     for key in spec.seed_keys:
         value = get_path(cell.config, key, None)
         if value is not None:
-            return {"seed": str(value)}
+            return {schema.SEED: str(value)}
     return {}
 
 
@@ -100,7 +100,7 @@ def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) 
     """A new cell run whose stages already ran (in another sweep) gets their results now."""
     done = 0
     for kind, st in cell.stages.items():
-        result = ledger.read_result(st.dir(plan.root))
+        result = read_stage_result(st.dir(plan.root))
         if result is not None and _status(plan, st.key)["state"] == State.COMPLETED:
             done += 1
             tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result,
@@ -245,8 +245,8 @@ def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
             runtime = s.get("runtime_s") or (now - s["started"] if state == State.RUNNING and s.get("started") else None)
             metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
             if state == State.COMPLETED:
-                res = ledger.read_result(st.dir(plan.root)) or {}
-                metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.items())[:2] if isinstance(v, (int, float)))
+                res = read_stage_result(st.dir(plan.root)) or StageResult()
+                metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.metrics.items())[:2])
             job = f"j{s['job_id']}" if s.get("job_id") and s["job_id"] != "inline" else ""
             cols.append(f"{kind}:{label}#{s.get('attempt', 0)} {job} {_fmt_s(runtime)} {metric}".strip())
         rows.append(f"{cell.index:3d} {_cell_name(cell)[:40]:40s} | " + " | ".join(cols))
@@ -400,15 +400,15 @@ def _detach_local(plan: Plan, overrides: list[str], force: bool, retry_failed: b
 
 
 def collect(plan: Plan):
-    """One row per cell: axis values, stage states and ids, every numeric result (kind/key)."""
+    """One row per cell: axis values, stage states and ids, every stage metric (kind/key)."""
     import pandas as pd
     rows = []
     for cell in plan.cells:
         row = {"cell": cell.index, "cell_id": cell.id, "state": cell_state(plan, cell).value, **cell.values}
         for kind, st in cell.stages.items():
             row[f"{kind}.id"] = st.id
-            result = ledger.read_result(st.dir(plan.root)) or {}
-            row.update({f"{kind}/{k}": v for k, v in flatten(result).items()})
+            result = read_stage_result(st.dir(plan.root)) or StageResult()
+            row.update({schema.metric(kind, k): v for k, v in result.metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

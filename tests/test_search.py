@@ -12,13 +12,14 @@ from study import ledger
 from study.ledger import State
 from study.search import open_study
 from study.sweep import load_plan, main
+from tests.toy_stages import PLUGINS as TOY
 
 FAST = {"steps": 10, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0, "precision": "fp32",
         "progress": False, "device": "cpu"}
 
 
 def write(tmp_path, search, launcher, stages=("toy_data", "toy_train")) -> str:
-    spec = {"name": "hpo", "stages": list(stages), "study_dir": str(tmp_path / "study"),
+    spec = {"name": "hpo", "stages": list(stages), "plugins": TOY, "study_dir": str(tmp_path / "study"),
             "tracking": {"enabled": False}, "base": {"toy": {"train": FAST}}, "search": search,
             "launcher": launcher}
     path = tmp_path / "s.yaml"

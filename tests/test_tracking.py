@@ -26,6 +26,7 @@ def template_db(tmp_path_factory):
 WRITER = """
 import sys
 from study.tracking import Tracker, MlflowCallback, end_runs
+from tests.toy_stages import PLUGINS as TOY
 uri, exp, parent, run_id, n = sys.argv[1:6]
 cb = MlflowCallback(Tracker(uri, exp, parent), [run_id], "stage")
 for step in range(int(n)):
@@ -60,7 +61,7 @@ def test_sweep_logs_parent_children_curves_params_tags(tmp_path, template_db):
     study = tmp_path / "study"
     study.mkdir()
     shutil.copy(template_db, study / "mlflow.db")
-    spec = {"name": "tracked", "stages": ["toy_data", "toy_train"], "study_dir": str(study),
+    spec = {"name": "tracked", "stages": ["toy_data", "toy_train"], "plugins": TOY, "study_dir": str(study),
             "axes": {"grid": {"toy.lr": [0.01, 0.03]}}, "launcher": {"backend": "debug", "poll_s": 0.2},
             "base": {"toy": {"train": {"steps": 20, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0,
                                        "precision": "fp32", "progress": False, "device": "cpu"}}}}
