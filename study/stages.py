@@ -35,7 +35,7 @@ from study.training import Callback
 
 # the study's own chain: its kinds are known by name (study.schema), its module is imported
 # only by sweeps that use it, so that engine processes of other chains stay torch-light
-BUILTIN_PROVIDER = "study.pipeline"
+BUILTIN_PROVIDER = "study.pipeline.stages"
 
 
 @dataclass

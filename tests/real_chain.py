@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from study import schema as S
@@ -22,7 +23,7 @@ MICRO = {
         "data": {"name": "shapes", "resolution": 32, "num_classes": 4, "train_size": 64, "val_size": 32, "seed": 0},
         "reference": {"width": 8, "steps": 8, "batch_size": 32, "warmup_steps": 2, "min_val_acc": 0.0},
         "vfm": {"name": BACKBONES[0]},
-        "pretrain": {"arch": "vit_micro_p4", "train": {"steps": 2, "batch_size": 16, "ckpt_every": 2, "log_every": 1,
+        "pretrain": {"arch": "vit_micro_p4", "train": {"steps": 2, "batch_size": 16, "ckpt_every": 2, "log_every": 2,
                                                        **_TRAIN},
                      "eval": {"train_samples": 64, "val_samples": 32}},
         "tokenizer": {
@@ -30,14 +31,14 @@ MICRO = {
                       "codebook_size": 64, "dec_depth": 1, "dec_heads": 2, "cnn_ch": 8, "cnn_mult": [1, 1, 1],
                       "attn_dropout": 0.0},
             "loss": {"perceptual_weight": 0.0, "gan_weight": 0.0},
-            "train": {"steps": 2, "batch_size": 8, "ckpt_every": 2, "log_every": 1, **_TRAIN},
+            "train": {"steps": 2, "batch_size": 8, "ckpt_every": 2, "log_every": 2, **_TRAIN},
             "eval_images": 8, "stats_batches": 1},
         "generator": {
             "gpt": {"dim": 32, "depth": 1, "heads": 2},
             "dit": {"dim": 32, "depth": 1, "heads": 2, "ddt_width": 32, "ddt_depth": 1},
             "train": {"steps": 4, "batch_size": 8, "eval_every": 2, "ckpt_every": 4, "log_every": 2, **_TRAIN},
             "sample": {"steps": 2, "val_samples": 8}},
-        "eval": {"recon_images": 16, "probe_train": 32, "probe_val": 16, "samples_per_class": 2,
+        "eval": {"recon_images": 16, "probe_train": 24, "probe_val": 12, "samples_per_class": 2,
                  "convergence_samples": 8, "batch_size": 16},
     },
     "axes": {"grid": {"vfm.name": list(BACKBONES)},
@@ -52,12 +53,21 @@ MICRO = {
 
 
 def run_micro_study(root: Path) -> dict:
-    """Write the spec under `root`, run it with the sweep CLI; return paths, exit code, wall time."""
+    """Write the spec under `root`, run it with the sweep CLI; return paths, exit code, and the
+    wall and CPU seconds it took (the debug backend runs every stage in this process, so its
+    CPU time is the chain's cost whatever else the machine is running)."""
     from study.sweep import main
 
     root.mkdir(parents=True, exist_ok=True)
     spec = root / "micro.yaml"
     spec.write_text(yaml.safe_dump({**MICRO, "study_dir": str(root / "study")}))
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     code = main([str(spec), "--quiet"])
-    return {"spec": spec, "root": root / "study", "code": code, "seconds": time.perf_counter() - start}
+    return {"spec": spec, "root": root / "study", "code": code, "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu}
+
+
+@pytest.fixture(scope="session")
+def micro_study(tmp_path_factory) -> dict:
+    """The micro study, run once per test session (shared by the engine and analysis tests)."""
+    return run_micro_study(tmp_path_factory.mktemp("micro"))

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 from study import ledger
-from study.launch import Scheduler, StageRun, make_backend
+from study.backends import make_backend
+from study.controller import Scheduler
+from study.worker import StageRun
 from study.ledger import State
 from study.stages import read_stage_result
 from study.sweep import load_plan, main

@@ -1,5 +1,4 @@
 """The study's stage chain (reference -> vfm -> tokenizer -> tok_eval -> generator -> gen_eval):
-stage configs in `configs`, stage functions in `stages`.  Importing the package registers the
-chain with the engine; the engine does so itself for a sweep naming these kinds."""
-
-from study.pipeline import stages  # noqa: F401  (registers the stage kinds)
+`configs` (what each stage reads), `stages` (what it runs; importing it registers the kinds,
+which the engine does itself for a sweep naming them), `reference` (the reference classifier's
+training)."""

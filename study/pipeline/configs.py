@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from study.config import ConfigError, nonsemantic
 from study.data import DataConfig
-from study.metrics.reference import RefClassifierConfig
+from study.pipeline.reference import RefClassifierConfig
 from generators.dit import DiTConfig
 from generators.gpt import GPTConfig
 from generators.train import DataConfig as CodesConfig, GeneratorRunConfig

@@ -31,7 +31,8 @@ from study.metrics.features import RefSpace, distribution_metrics
 from study.metrics.grids import class_grid, reconstruction_grid
 from study.metrics.image import reconstruction_metrics
 from study.metrics.probes import linear_probe
-from study.metrics.reference import ReferenceClassifier, class_consistency, train_reference_classifier
+from study.metrics.reference import ReferenceClassifier, class_consistency
+from study.pipeline.reference import train_reference_classifier
 from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
                                     TokenizerStage, VFMStage, assemble, check_backbone, check_generator,
                                     check_tokenizer, generator_config, inhouse_objective, missing_data,
