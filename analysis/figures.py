@@ -261,7 +261,7 @@ def ablation(runs: pd.DataFrame, out_dir: Path, factor: str, confidence: float =
 
 
 # --------------------------------------------------------------------------- image grids
-def image_grids(runs: pd.DataFrame, out_dir: Path, name: str = "grids/samples.png") -> Plot:
+def image_grids(runs: pd.DataFrame, out_dir: Path, name: str = S.SAMPLES_GRID) -> Plot:
     """The run artifact `name` of one run (lowest seed) per backbone × pipeline, side by side."""
     from matplotlib.image import imread
 

@@ -44,6 +44,14 @@ RECALL_REF = "recall_ref"
 CLASS_CONSISTENCY = "class_consistency"
 GFID = "gfid"
 GUIDED = "_guided"  # suffix of the gen_eval metrics of guided sampling
+METRIC_KEYS = (VAL_ACC, KNN_ACC, PROBE_ACC, EFFECTIVE_RANK, UNIFORMITY, NUM_PARAMS, PSNR, SSIM, RFD_REF, RFID,
+               CODEBOOK_USAGE, PERPLEXITY, TOKEN_ENTROPY_BITS, LATENT_MEAN, LATENT_STD, FD_REF, PRECISION_REF,
+               RECALL_REF, CLASS_CONSISTENCY, GFID)
+
+# what the measuring functions call their outputs -> the stage metric they become
+BACKBONE_EVAL = {"knn_acc": KNN_ACC, "linear_acc": PROBE_ACC, "effective_rank": EFFECTIVE_RANK,
+                 "uniformity": UNIFORMITY}  # tokenizer.pretrain.evaluate_backbone
+CODEBOOK = {"usage": CODEBOOK_USAGE, "perplexity": PERPLEXITY, "entropy_bits": TOKEN_ENTROPY_BITS}  # codebook_stats
 
 
 def metric(stage: str, key: str) -> str:
@@ -75,7 +83,7 @@ NUM_QUERIES = "num_queries"
 SAMPLER = "sampler"
 SEMANTIC = "semantic"
 GENERATOR_KIND = "generator_kind"
-GUIDANCE = "guidance"
+GUIDANCE = "guidance_kind"  # cfg | autoguidance: what the *_guided metrics used
 DESIGN = {BACKBONE: str, FAMILY: str, SEED: int, TOKENIZER_KIND: str, GENERATOR_KIND: str,
           NUM_QUERIES: int, SAMPLER: str, SEMANTIC: bool}
 

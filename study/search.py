@@ -145,7 +145,7 @@ class TrialJob(submitit.helpers.Checkpointable):
                     schema.TRIAL_NUMBER: str(trial.number), schema.OPTUNA_STUDY: study.study_name})
                 trial.set_user_attr("mlflow_run_id", run_id)
             run_ids = [run_id]
-        trial.set_user_attr("cell_id", cell.id)
+        trial.set_user_attr(schema.CELL_ID, cell.id)
         prune_kind, _, prune_metric = (s.prune_on or "").partition("/")
         results = {}
         try:

@@ -309,7 +309,7 @@ def collect(plan: Plan):
     import pandas as pd
     rows = []
     for cell in plan.cells:
-        row = {"cell": cell.index, "cell_id": cell.id, "state": cell_state(plan, cell).value, **cell.values}
+        row = {"cell": cell.index, schema.CELL_ID: cell.id, "state": cell_state(plan, cell).value, **cell.values}
         for kind, st in cell.stages.items():
             row[f"{kind}.id"] = st.id
             result = read_stage_result(st.dir(plan.root)) or StageResult()

@@ -76,6 +76,11 @@ class ReferenceClassifier:
         self.batch_size = int(meta.get("config", {}).get("eval_batch_size", 256))
 
     @torch.no_grad()
+    @property
+    def val_acc(self) -> float:
+        """Accuracy on the held-out split it was trained against (recorded when trained)."""
+        return float(self.meta["val_acc"])
+
     def features(self, images) -> np.ndarray:
         out = [self.model.features(to_float_nchw(images[i:i + self.batch_size]).to(self.device)).double().cpu()
                for i in range(0, len(images), self.batch_size)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from study import schema as S
 from study.config import ConfigError, nonsemantic
 from study.data import DataConfig
 from study.pipeline.reference import RefClassifierConfig
@@ -190,7 +191,7 @@ def generator_config(cfg: GeneratorStage, codes: Path, out_dir: Path) -> Generat
 
 def check_generator(cfg: GeneratorStage) -> None:
     try:
-        generator_config(cfg, Path("codes.pt"), Path("."))
+        generator_config(cfg, Path(S.CODES_FILE), Path("."))
     except ConfigError as err:
         raise ConfigError(err.detail, key=f"generator.{err.key}" if err.key else "generator") from None
 

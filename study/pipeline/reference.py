@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch.nn.functional as F
 from torch import nn
 
+from study import schema as S
 from study.config import config_hash, nonsemantic, to_dict
 from study.data import make_loader
 from study.metrics.common import default_cache_dir
@@ -86,7 +87,7 @@ def train_reference_classifier(train_set, val_set, cfg: RefClassifierConfig | No
     trains it with the shared `Trainer` when not cached, and records its val accuracy."""
     cfg = cfg or RefClassifierConfig()
     run_dir = classifier_dir(cfg, train_set)
-    final = run_dir / "classifier.pt"
+    final = run_dir / S.CLASSIFIER_FILE
     if final.is_file() and not retrain:
         return ReferenceClassifier.load(final, cfg.device)
     task = RefClassifierTask(cfg, train_set, val_set)
@@ -98,7 +99,7 @@ def train_reference_classifier(train_set, val_set, cfg: RefClassifierConfig | No
     val_acc = float(trainer.final_metrics.get("val/acc", accuracy(model, val_set.images, val_set.labels)))
     meta = {"config": to_dict(cfg), "config_hash": config_hash(cfg, REF_FORMAT_VERSION, str(train_set.num_classes)),
             "num_classes": int(train_set.num_classes), "dataset_identity": train_set.identity,
-            "val_identity": getattr(val_set, "identity", None), "val_acc": val_acc, "steps": cfg.steps,
+            "val_identity": getattr(val_set, "identity", None), S.VAL_ACC: val_acc, "steps": cfg.steps,
             "format": REF_FORMAT_VERSION}
     clf = ReferenceClassifier(RefCNN(train_set.num_classes, cfg.width, cfg.image_size), meta, cfg.device)
     clf.model.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -29,7 +29,7 @@ from study.data import DataConfig, build_dataset, to_tensor_images, to_uint8
 from study.metrics.codebook import codebook_stats
 from study.metrics.features import RefSpace, distribution_metrics
 from study.metrics.grids import class_grid, reconstruction_grid
-from study.metrics.image import reconstruction_metrics
+from study.metrics.image import psnr, ssim
 from study.metrics.probes import linear_probe
 from study.metrics.reference import ReferenceClassifier, class_consistency
 from study.pipeline.reference import train_reference_classifier
@@ -44,6 +44,7 @@ from tokenizer.train import export_codes, load_tokenizer, train as train_tokeniz
 from tokenizer.vfm import VFMSpec, build_vfm
 
 SPEC = "spec"  # vfm output: the backbone spec with the weights it was built from
+_GUIDANCE_ARG = "guidance"  # LoadedGenerator.sample's keyword choosing the DiT's guidance
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,7 +85,7 @@ def run_reference(ctx: StageContext) -> StageResult:
     ref_cfg = dataclasses.replace(cfg.reference, image_size=cfg.data.resolution, cache_dir=str(ctx.dir))
     clf = train_reference_classifier(build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"), ref_cfg)
     clf.save(ctx.dir / S.CLASSIFIER_FILE)
-    return StageResult(metrics={S.VAL_ACC: clf.meta["val_acc"]})
+    return StageResult(metrics={S.VAL_ACC: clf.val_acc})
 
 
 @register_stage(S.VFM, VFMStage, validate=check_backbone, missing=lambda cfg: spec_missing(cfg.vfm))
@@ -100,12 +101,9 @@ def run_vfm(ctx: StageContext) -> StageResult:
         path, found = pretrain(pre, ctx.callbacks)
         spec = dataclasses.replace(spec, weights=str(Path(path).resolve()))
     vfm = build_vfm(spec)
-    if "knn_acc" not in found:
+    if not set(S.BACKBONE_EVAL) <= set(found):
         found = {**found, **evaluate_backbone(vfm, cfg.data, cfg.pretrain.eval)}
-    # evaluate_backbone's names -> the schema's
-    renamed = {"knn_acc": S.KNN_ACC, "linear_acc": S.PROBE_ACC, "effective_rank": S.EFFECTIVE_RANK,
-               "uniformity": S.UNIFORMITY}
-    metrics = {new: found[old] for old, new in renamed.items() if old in found}
+    metrics = {new: found[old] for old, new in S.BACKBONE_EVAL.items() if old in found}
     metrics[S.NUM_PARAMS] = vfm.num_params
     return StageResult(metrics=metrics, outputs={SPEC: to_dict(spec)},
                        tags={S.BACKBONE: cfg.vfm.name, S.FAMILY: vfm.family})
@@ -137,16 +135,14 @@ def run_tok_eval(ctx: StageContext) -> StageResult:
     images, _ = _val_images(cfg.data, ev.recon_images)
     codes = _batched(tokenizer.encode, to_tensor_images(images), ev.batch_size)
     recon = _decode(tokenizer, codes, ev.batch_size)
-    quality = reconstruction_metrics(images, recon)
-    out = {S.PSNR: quality["psnr"], S.SSIM: quality["ssim"],
+    out = {S.PSNR: psnr(images, recon), S.SSIM: ssim(images, recon),
            S.RFD_REF: distribution_metrics(RefSpace(_reference(ctx)), recon, images)[S.FD_REF]}
     if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
         from study.metrics.fid import InceptionConfig, rfid
         out.update(rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)))
     if tokenizer.cfg.kind == "vfmtok":
         stats = codebook_stats(codes.numpy(), tokenizer.cfg.codebook_size)
-        out.update({S.CODEBOOK_USAGE: stats["usage"], S.PERPLEXITY: stats["perplexity"],
-                    S.TOKEN_ENTROPY_BITS: stats["entropy_bits"]})
+        out.update({new: stats[old] for old, new in S.CODEBOOK.items()})
     else:
         out.update({S.LATENT_MEAN: float(codes.mean()), S.LATENT_STD: float(codes.std())})
     out[S.PROBE_ACC] = _latent_probe(tokenizer, cfg.data, ev)
@@ -206,9 +202,9 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
     val = build_dataset(cfg.data, "val")
     ref_features = space.features(val.images)
     labels = torch.arange(cfg.data.num_classes).repeat_interleave(ev.samples_per_class)
-    guided = {"cfg_scale": ev.guidance_scale}
+    guided: dict[str, Any] = {"cfg_scale": ev.guidance_scale}
     if gen.cfg.kind == "dit" and gen.guide is not None:
-        guided["guidance"] = "autoguidance"
+        guided[_GUIDANCE_ARG] = "autoguidance"
     out: dict[str, float] = {}
     for guide, overrides in ((False, {"cfg_scale": 1.0}), (True, guided)):
         codes = gen.sample(labels.to(_device()), seed=ev.seed, **overrides).cpu()
@@ -221,5 +217,5 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
         out.update({S.guided(k) if guide else k: v for k, v in metrics.items()})
         if not guide:
             class_grid(images, labels.numpy(), ctx.dir / S.SAMPLES_PNG, num_classes=cfg.data.num_classes)
-    return StageResult(metrics=out, tags={S.GUIDANCE: guided.get("guidance", "cfg")},
+    return StageResult(metrics=out, tags={S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg")},
                        artifacts={S.GRIDS: [S.SAMPLES_PNG]})
