@@ -118,7 +118,9 @@ def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) 
 
 
 def cell_name(cell: Cell) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items()) or cell.id
+    """`name=inhouse:dino,kind=vfmtok,seed=0`: the last part of each axis key (a seed written to
+    several keys once)."""
+    return ",".join(dict.fromkeys(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items())) or cell.id
 
 
 def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:

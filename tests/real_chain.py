@@ -71,3 +71,16 @@ def run_micro_study(root: Path) -> dict:
 def micro_study(tmp_path_factory) -> dict:
     """The micro study, run once per test session (shared by the engine and analysis tests)."""
     return run_micro_study(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(micro_study):
+    """The session's one MLflow server (study.cluster.mlflow_server), serving the micro study's
+    store; it must stop cleanly when the session ends."""
+    from study.cluster.mlflow_server import MlflowServer, health_ok
+
+    server = MlflowServer(micro_study["root"])
+    server.start()
+    yield server
+    server.stop()
+    assert not health_ok(server.url) and not server.state_file.exists()
