@@ -1,6 +1,6 @@
 """MAE: pixel masked image modelling (He et al. 2022).
 
-Published recipe (facebookresearch/mae; models-and-metrics.md §C): the encoder sees only
+Published recipe (facebookresearch/mae): the encoder sees only
 the 25 % visible patches (75 % random masking), a light decoder (8 blocks × 512, fixed 2-D
 sin-cos positions) reconstructs every patch, and the loss is the MSE on per-patch
 normalised pixels (`norm_pix_loss`) over masked patches only; random resized crop
@@ -54,6 +54,7 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
 
 class MAE(Objective):
     name, family, exports = "mae", "pixel-mim", "online"
+    config = MaeConfig
     deviations = (
         "decoder 8 blocks x 512 -> mae.decoder_depth x mae.decoder_dim",
         "exported backbone: the encoder (all patches visible at inference)",
