@@ -67,7 +67,7 @@ def _default_optim() -> OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class ProbeConfig:
     """Probe protocol: features of the first `train_samples` training images fit the probes,
     the first `val_samples` validation images score them."""
     train_samples: int = 2000
@@ -86,7 +86,7 @@ class _PretrainBase:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=_default_train)
     optim: OptimConfig = field(default_factory=_default_optim)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ProbeConfig = field(default_factory=ProbeConfig)
     evaluate: bool = True  # probe the exported backbone at the end
 
     def __post_init__(self) -> None:
@@ -236,7 +236,7 @@ def load_backbone_for_eval(path: str | Path):
     return build_vfm(VFMSpec(name=f"inhouse:{Path(path).stem}", weights=str(path)))
 
 
-def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: EvalConfig | None = None) -> dict[str, float]:
+def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: ProbeConfig | None = None) -> dict[str, float]:
     """kNN and linear-probe accuracy (train-split features fit, val-split features score) and
     feature statistics (effective rank, uniformity) of val features. `source`: a checkpoint
     path, a FrozenVFM or a timm VisionTransformer fed [-1, 1] images. Primary features: the
@@ -244,7 +244,7 @@ def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: EvalConfig | None 
     Keys: study.metrics.probes.feature_report's (linear_acc, linear_C, linear_cv_acc, knn_acc,
     effective_rank, uniformity)."""
     from study.metrics import probes
-    eval_cfg = eval_cfg or EvalConfig()
+    eval_cfg = eval_cfg or ProbeConfig()
     if isinstance(source, (str, Path)):
         source = load_backbone_for_eval(source)
     train = extract_features(source, build_dataset(data_cfg, "train"), eval_cfg.train_samples, eval_cfg.batch_size)

@@ -23,7 +23,7 @@ from study.data import DataConfig
 from study.pipeline.reference import RefClassifierConfig
 from generators.dit import DiTConfig
 from generators.gpt import GPTConfig
-from generators.train import DataConfig as CodesConfig, GeneratorRunConfig
+from generators.train import CodesConfig, GeneratorRunConfig
 from tokenizer.pretrain import PretrainConfig
 from tokenizer.train import TokenizerRunConfig
 from tokenizer.vfm import MissingWeightsError, VFMSpec, get_entry
