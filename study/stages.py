@@ -6,7 +6,7 @@ A stage kind is registered once, next to the code it runs:
     class TokenizerStage:            # fields = the top-level config sections it reads
         data: DataConfig
         vfm: VFMSpec
-        tokenizer: TokenizerConfig
+        tokenizer: TokenizerSection
 
     @register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_tokenizer)
     def run_tokenizer(ctx: StageContext) -> StageResult:

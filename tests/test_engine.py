@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from study import ledger
@@ -157,3 +158,18 @@ def test_preempted_job_resumes_from_checkpoint_with_the_same_result(tmp_path):
     assert status["state"] == State.COMPLETED and status["attempt"] == 2  # ran twice: before and after requeue
     assert "preempted" in status
     assert ledger.read_result(plan.stages[train_key].dir(plan.root)) == reference
+
+
+def test_a_stage_result_is_typed_and_an_old_layout_reruns_the_stage(tmp_path):
+    from study.stages import StageResult
+
+    result = StageResult(metrics={"mse": 1, "acc": 0.5}, outputs={"codes": "codes.pt"}, tags={"n": 3},
+                         artifacts={"grids": ["a.png"]})
+    assert result.metrics == {"mse": 1.0, "acc": 0.5} and result.tags == {"n": "3"}
+    ledger.write_result(tmp_path, result.to_json())
+    assert read_stage_result(tmp_path) == result
+    for bad in ({"flag": True}, {"name": "dino"}):
+        with pytest.raises(TypeError, match="must be a number"):
+            StageResult(metrics=bad)
+    ledger.write_result(tmp_path, {"mse": 1.0, "tags": {}})  # the reserved-keys dict of old results
+    assert read_stage_result(tmp_path) is None
