@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from study import tracking
 from study.sweep import main
+from tests.toy_stages import PLUGINS as TOY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,6 @@ def template_db(tmp_path_factory):
 WRITER = """
 import sys
 from study.tracking import Tracker, MlflowCallback, end_runs
-from tests.toy_stages import PLUGINS as TOY
 uri, exp, parent, run_id, n = sys.argv[1:6]
 cb = MlflowCallback(Tracker(uri, exp, parent), [run_id], "stage")
 for step in range(int(n)):
