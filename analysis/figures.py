@@ -17,16 +17,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import stats
+from study import schema as S
 from analysis.results import artifact, direction, histories
 
 # first present wins: real-Inception names only exist when real weights were used
-TOKENIZER_QUALITY = ("tok_eval/rfid", "tok_eval/rfd_ref")
-GENERATION_QUALITY = ("gen_eval/gfid", "gen_eval/fd_ref")
-PROBE = ("tok_eval/probe_acc", "vfm/probe_acc")
-VFM_QUALITY = ("vfm/probe_acc", "vfm/knn_acc", "vfm/effective_rank")
-CONVERGENCE = "generator/fd_ref"
+TOKENIZER_QUALITY = (S.metric(S.TOK_EVAL, S.RFID), S.metric(S.TOK_EVAL, S.RFD_REF))
+GENERATION_QUALITY = (S.metric(S.GEN_EVAL, S.GFID), S.metric(S.GEN_EVAL, S.FD_REF))
+PROBE = (S.metric(S.TOK_EVAL, S.PROBE_ACC), S.metric(S.VFM, S.PROBE_ACC))
+VFM_QUALITY = (S.metric(S.VFM, S.PROBE_ACC), S.metric(S.VFM, S.KNN_ACC), S.metric(S.VFM, S.EFFECTIVE_RANK))
+CONVERGENCE = S.metric(S.GENERATOR, S.FD_REF)
+GUIDANCE = (S.metric(S.GEN_EVAL, S.FD_REF), S.metric(S.GEN_EVAL, S.guided(S.FD_REF)))
 SERIES = "series"  # tokenizer+generator pipeline, or "all" when the runs do not say
-ABLATIONS = ("num_queries", "sampler", "semantic")
+ABLATIONS = (S.NUM_QUERIES, S.SAMPLER, S.SEMANTIC)
 
 
 class Plot(NamedTuple):
@@ -42,7 +44,7 @@ def pick(runs: pd.DataFrame, options: tuple[str, ...]) -> Optional[str]:
 def _with_series(runs: pd.DataFrame) -> pd.DataFrame:
     out = runs.copy()
     out[SERIES] = runs["pipeline"].fillna("all").astype(str) if "pipeline" in runs else "all"
-    out["backbone"] = runs["backbone"].fillna("?").astype(str) if "backbone" in runs else "?"
+    out[S.BACKBONE] = runs[S.BACKBONE].fillna("?").astype(str) if S.BACKBONE in runs else "?"
     return out
 
 
@@ -100,10 +102,10 @@ def backbone_bars(runs: pd.DataFrame, out_dir: Path, confidence: float = 0.95) -
     if not metrics:
         return Plot(None, pd.DataFrame(), f"no runs with any of {TOKENIZER_QUALITY + GENERATION_QUALITY + PROBE}")
     data = _with_series(main_setting(runs))
-    tables = [seed_table(data, m, ["backbone", SERIES], confidence) for m in metrics]
+    tables = [seed_table(data, m, [S.BACKBONE, SERIES], confidence) for m in metrics]
     fig = Figure(figsize=(4.5 * len(metrics), 3.8))
     for ax, metric, table in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, tables):
-        _bars(ax, table, "backbone", SERIES, metric)
+        _bars(ax, table, S.BACKBONE, SERIES, metric)
         better = "lower" if direction(metric) == "min" else "higher"
         ax.set_title(f"{metric} ({better} is better)", fontsize=9)
     return Plot(_save(fig, out_dir, "backbones"), pd.concat(tables, ignore_index=True))
@@ -119,12 +121,12 @@ def family_scatter(runs: pd.DataFrame, out_dir: Path, n_boot: int = 2000, confid
         return Plot(None, {}, f"no runs with both a VFM metric {VFM_QUALITY} and a tokenizer metric {TOKENIZER_QUALITY}")
     runs = main_setting(runs)
     data = _with_series(runs)
-    data["family"] = runs["family"].fillna("?").astype(str) if "family" in runs else "?"
-    data["kind"] = runs["tokenizer_kind"].fillna("all").astype(str) if "tokenizer_kind" in runs else "all"
-    points = data.dropna(subset=[x, y]).groupby(["kind", "backbone", "family"], as_index=False)[[x, y]].mean()
+    data[S.FAMILY] = runs[S.FAMILY].fillna("?").astype(str) if S.FAMILY in runs else "?"
+    data["kind"] = runs[S.TOKENIZER_KIND].fillna("all").astype(str) if S.TOKENIZER_KIND in runs else "all"
+    points = data.dropna(subset=[x, y]).groupby(["kind", S.BACKBONE, S.FAMILY], as_index=False)[[x, y]].mean()
     corr = []
     for kind, group in points.groupby("kind"):
-        if group["backbone"].nunique() >= 3:
+        if group[S.BACKBONE].nunique() >= 3:
             c = stats.spearman_ci(group[x], group[y], n_boot, confidence, seed)
             corr.append({"kind": kind, "x": x, "y": y, "rho": c.rho, "p": c.p, "low": c.low, "high": c.high, "n": c.n})
     if not corr:
@@ -134,14 +136,14 @@ def family_scatter(runs: pd.DataFrame, out_dir: Path, n_boot: int = 2000, confid
     fig = Figure(figsize=(4.5 * len(kinds), 4))
     for ax, (_, c) in zip(fig.subplots(1, len(kinds), squeeze=False)[0], corr.iterrows()):
         group = points[points["kind"] == c["kind"]]
-        for family, fam in group.groupby("family"):
+        for family, fam in group.groupby(S.FAMILY):
             ax.scatter(fam[x], fam[y], label=family, s=40)
         for _, p in group.iterrows():
-            ax.annotate(p["backbone"], (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(p[S.BACKBONE], (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=x, ylabel=y)
         ax.set_title(f"{c['kind']}: Spearman ρ = {c['rho']:.2f}, {confidence:.0%} CI [{c['low']:.2f}, {c['high']:.2f}]",
                      fontsize=9)
-        ax.legend(fontsize=7, title="family", title_fontsize=7)
+        ax.legend(fontsize=7, title=S.FAMILY, title_fontsize=7)
     return Plot(_save(fig, out_dir, "family_scatter"), {"points": points, "correlations": corr})
 
 
@@ -156,8 +158,8 @@ def convergence(runs: pd.DataFrame, out_dir: Path, metric: str = CONVERGENCE, ba
     if long.empty or long.groupby("run_id")["step"].nunique().max() < 2:
         return Plot(None, {}, f"no runs with a {metric} history over several steps")
     lower = direction(metric) != "max"
-    long["kind"] = long["generator_kind"].fillna("all").astype(str) if "generator_kind" in long else "all"
-    long["backbone"] = long["backbone"].fillna("?").astype(str) if "backbone" in long else "?"
+    long["kind"] = long[S.GENERATOR_KIND].fillna("all").astype(str) if S.GENERATOR_KIND in long else "all"
+    long[S.BACKBONE] = long[S.BACKBONE].fillna("?").astype(str) if S.BACKBONE in long else "?"
     kinds = sorted(long["kind"].unique())
     fig = Figure(figsize=(5 * len(kinds), 4))
     curves, speeds = [], []
@@ -170,7 +172,7 @@ def convergence(runs: pd.DataFrame, out_dir: Path, metric: str = CONVERGENCE, ba
         for b, m in matrices.items():
             ax.plot(m.columns, mean[b][1], marker="o", ms=3, label=b)
             ax.fill_between(m.columns, m.min(axis=0), m.max(axis=0), alpha=0.2)
-            curves += [{"kind": kind, "backbone": b, "step": s, "mean": v, "n": len(m)} for s, v in zip(*mean[b])]
+            curves += [{"kind": kind, S.BACKBONE: b, "step": s, "mean": v, "n": len(m)} for s, v in zip(*mean[b])]
         if result is not None:
             low, high = stats.speedup_ci({b: m.to_numpy() for b, m in matrices.items()}, mean[base][0], base,
                                          level, lower, n_boot, confidence, seed)
@@ -191,7 +193,7 @@ def convergence(runs: pd.DataFrame, out_dir: Path, metric: str = CONVERGENCE, ba
 def _seed_matrices(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """backbone -> (runs × steps) values, on the steps every run of that backbone logged."""
     out = {}
-    for backbone, group in long.groupby("backbone"):
+    for backbone, group in long.groupby(S.BACKBONE):
         matrix = group.pivot_table(index="run_id", columns="step", values="value").dropna(axis=1)
         if matrix.shape[1] >= 2:
             out[backbone] = matrix
@@ -206,25 +208,25 @@ def _worst(mean: dict[str, tuple], lower: bool) -> str:
 # --------------------------------------------------------------------------- guidance
 def guidance(runs: pd.DataFrame, out_dir: Path, confidence: float = 0.95) -> Plot:
     """gen_eval/fd_ref without vs with guidance (CFG for AR, AutoGuidance for DiT), paired by run."""
-    plain, guided = "gen_eval/fd_ref", "gen_eval/fd_ref_guided"
+    plain, guided = GUIDANCE
     if plain not in runs or guided not in runs or runs[[plain, guided]].dropna().empty:
         return Plot(None, pd.DataFrame(), f"no runs with both {plain} and {guided}")
     data = _with_series(main_setting(runs)).dropna(subset=[plain, guided])
     data["gain"] = data[plain] - data[guided]  # > 0: guidance lowers (improves) fd_ref
     rows = []
-    for (backbone, series), g in data.groupby(["backbone", SERIES]):
+    for (backbone, series), g in data.groupby([S.BACKBONE, SERIES]):
         ci = {k: stats.mean_ci(g[m], confidence) for k, m in (("plain", plain), ("guided", guided), ("gain", "gain"))}
-        rows.append({"backbone": backbone, SERIES: series, "n": len(g),
+        rows.append({S.BACKBONE: backbone, SERIES: series, "n": len(g),
                      **{f"{k}_{a}": getattr(v, b) for k, v in ci.items() for a, b in (("mean", "mean"), ("ci", "half"))}})
     table = pd.DataFrame(rows)
-    labels = table["backbone"] + "\n" + table[SERIES]
+    labels = table[S.BACKBONE] + "\n" + table[SERIES]
     pos = np.arange(len(table))
     fig = Figure(figsize=(max(5, 1.2 * len(table)), 4))
     ax = fig.subplots()
     ax.bar(pos - 0.2, table["plain_mean"], 0.4, yerr=table["plain_ci"].fillna(0), capsize=3, label="no guidance")
     ax.bar(pos + 0.2, table["guided_mean"], 0.4, yerr=table["guided_ci"].fillna(0), capsize=3, label="guided")
     ax.set_xticks(pos, labels, fontsize=7)
-    ax.set(ylabel="gen_eval/fd_ref (lower is better)", title="with vs without guidance")
+    ax.set(ylabel=f"{plain} (lower is better)", title="with vs without guidance")
     ax.legend(fontsize=7)
     return Plot(_save(fig, out_dir, "guidance"), table)
 
@@ -238,14 +240,14 @@ def ablation(runs: pd.DataFrame, out_dir: Path, factor: str, confidence: float =
         return Plot(None, pd.DataFrame(), f"no runs with {factor} varying")
     data = _with_series(runs).dropna(subset=[factor])
     data[factor] = data[factor].astype(object)
-    varied = data.groupby(["backbone", SERIES])[factor].transform("nunique") >= 2
+    varied = data.groupby([S.BACKBONE, SERIES])[factor].transform("nunique") >= 2
     data = data[varied]
     if data.empty:
         return Plot(None, pd.DataFrame(), f"no runs with {factor} varying")
-    tables = [seed_table(data, m, ["backbone", SERIES, factor], confidence) for m in metrics]
+    tables = [seed_table(data, m, [S.BACKBONE, SERIES, factor], confidence) for m in metrics]
     fig = Figure(figsize=(4.5 * len(metrics), 3.8))
     for ax, metric, table in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, tables):
-        table["group"] = table["backbone"] + " " + table[SERIES]
+        table["group"] = table[S.BACKBONE] + " " + table[SERIES]
         levels = pd.Series(list(table[factor]))
         if pd.api.types.is_numeric_dtype(levels) and not pd.api.types.is_bool_dtype(levels):
             for group, g in table.groupby("group"):
@@ -259,18 +261,18 @@ def ablation(runs: pd.DataFrame, out_dir: Path, factor: str, confidence: float =
 
 
 # --------------------------------------------------------------------------- image grids
-def image_grids(runs: pd.DataFrame, out_dir: Path, name: str = "grids/samples.png") -> Plot:
+def image_grids(runs: pd.DataFrame, out_dir: Path, name: str = S.SAMPLES_GRID) -> Plot:
     """The run artifact `name` of one run (lowest seed) per backbone × pipeline, side by side."""
     from matplotlib.image import imread
 
     data = _with_series(main_setting(runs))
-    order = [c for c in ("backbone", SERIES, "seed") if c in data]
+    order = [c for c in (S.BACKBONE, SERIES, S.SEED) if c in data]
     rows = []
-    for (backbone, series), g in data.sort_values(order).groupby(["backbone", SERIES]):
+    for (backbone, series), g in data.sort_values(order).groupby([S.BACKBONE, SERIES]):
         for run_id in g["run_id"]:
             local = artifact(runs, run_id, name, Path(out_dir) / "artifacts")
             if local is not None:
-                rows.append({"backbone": backbone, SERIES: series, "run_id": run_id, "file": local})
+                rows.append({S.BACKBONE: backbone, SERIES: series, "run_id": run_id, "file": local})
                 break
     if not rows:
         return Plot(None, pd.DataFrame(), f"no runs with an artifact {name}")
@@ -278,6 +280,6 @@ def image_grids(runs: pd.DataFrame, out_dir: Path, name: str = "grids/samples.pn
     fig = Figure(figsize=(3 * len(table), 3.4))
     for ax, (_, r) in zip(fig.subplots(1, len(table), squeeze=False)[0], table.iterrows()):
         ax.imshow(imread(r["file"]))
-        ax.set_title(f"{r['backbone']}\n{r[SERIES]}", fontsize=8)
+        ax.set_title(f"{r[S.BACKBONE]}\n{r[SERIES]}", fontsize=8)
         ax.axis("off")
     return Plot(_save(fig, out_dir, Path(name).stem), table)

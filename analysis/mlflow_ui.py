@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from analysis.screenshot import browser, compare_url, screenshot, skipped_note
+from study import schema as S
 from study.cluster.mlflow_server import MlflowServer
 
 
@@ -52,9 +53,9 @@ def capture_compare(study_dir: str | Path, out_png: str | Path, max_runs: int = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.mlflow_ui", description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir")
-    parser.add_argument("--out", help="PNG path (default: <study_dir>/report/assets/mlflow_compare.png)")
+    parser.add_argument("--out", help="PNG path (default: the study's report assets)")
     args = parser.parse_args(argv)
-    out = Path(args.out or Path(args.study_dir) / "report" / "assets" / "mlflow_compare.png")
+    out = Path(args.out or Path(args.study_dir) / S.REPORT_DIR / S.MLFLOW_SCREENSHOT)
     skipped_note(out).unlink(missing_ok=True)
     try:
         path, runs = capture_compare(args.study_dir, out)

@@ -25,10 +25,11 @@ from analysis import figures, stats
 from analysis.figures import SERIES, Plot
 from analysis.results import describe, direction, load_sweep
 from analysis.screenshot import skipped_note
+from study import schema as S
 from study.config import ConfigError, load
 from study.spec import load_spec
 
-SCREENSHOT = Path("assets") / "mlflow_compare.png"
+SCREENSHOT = Path(S.MLFLOW_SCREENSHOT)
 N_ORDER = 10000  # bootstrap resamples for the ranking test (cheap: means of a few seeds)
 
 
@@ -63,12 +64,12 @@ def bar_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
         g = g.sort_values("mean", ascending=lower)
         first = g.iloc[0]
         best = "lowest" if lower else "highest"
-        text = (f"{series}: {first['backbone']} has the {best} {metric} "
+        text = (f"{series}: {first[S.BACKBONE]} has the {best} {metric} "
                 f"({stats.Interval(first['mean'], first['ci'], first['n']).text()} over {first['n']} seeds, "
                 f"{_pct(cfg)} t-interval)")
         if len(g) > 1:
             second = g.iloc[1]
-            text += (f"; runner-up {second['backbone']} "
+            text += (f"; runner-up {second[S.BACKBONE]} "
                      f"({stats.Interval(second['mean'], second['ci'], second['n']).text()}); ")
             text += _ranking(first["values"], second["values"], cfg)
         out.append(text + ".")
@@ -90,7 +91,7 @@ def correlation_sentences(numbers: dict, cfg: ReportConfig) -> list[str]:
     out = []
     points = numbers["points"]
     for _, c in numbers["correlations"].iterrows():
-        families = sorted(points.loc[points["kind"] == c["kind"], "family"].unique())
+        families = sorted(points.loc[points["kind"] == c["kind"], S.FAMILY].unique())
         zero = " — the interval includes 0" if c["low"] <= 0 <= c["high"] else ""
         out.append(f"{c['kind']}: {c['x']} vs {c['y']} across {c['n']} backbones (families: {', '.join(families)}): "
                    f"Spearman ρ = {c['rho']:.2f}, {_pct(cfg)} bootstrap CI [{c['low']:.2f}, {c['high']:.2f}] "
@@ -115,7 +116,7 @@ def speedup_sentences(numbers: dict, cfg: ReportConfig, metric: str) -> list[str
 
 
 def guidance_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
-    return [f"{r['backbone']} {r[SERIES]}: guidance moves gen_eval/fd_ref from "
+    return [f"{r[S.BACKBONE]} {r[SERIES]}: guidance moves {figures.GUIDANCE[0]} from "
             f"{stats.Interval(r['plain_mean'], r['plain_ci'], r['n']).text()} to "
             f"{stats.Interval(r['guided_mean'], r['guided_ci'], r['n']).text()} "
             f"(paired improvement {stats.Interval(r['gain_mean'], r['gain_ci'], r['n']).text()} over {r['n']} runs)."
@@ -124,7 +125,7 @@ def guidance_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
 
 def ablation_sentences(table: pd.DataFrame, factor: str) -> list[str]:
     out = []
-    for (metric, backbone, series), g in table.groupby(["metric", "backbone", SERIES]):
+    for (metric, backbone, series), g in table.groupby(["metric", S.BACKBONE, SERIES]):
         lower = direction(metric) != "max"
         best = g.sort_values("mean", ascending=lower).iloc[0]
         levels = "; ".join(f"{factor}={r[factor]}: {stats.Interval(r['mean'], r['ci'], r['n']).text()}"
@@ -154,14 +155,14 @@ def build_sections(runs: pd.DataFrame, fig_dir: Path, cfg: ReportConfig) -> list
         Section("With vs without guidance", guide, [] if guide.missing else guidance_sentences(guide.numbers, cfg),
                 guide.numbers if not guide.missing else None),
     ]
-    for factor, title in (("num_queries", "Token-count ablation"), ("sampler", "Region vs grid sampler"),
-                          ("semantic", "Semantic branch on/off")):
+    for factor, title in ((S.NUM_QUERIES, "Token-count ablation"), (S.SAMPLER, "Region vs grid sampler"),
+                          (S.SEMANTIC, "Semantic branch on/off")):
         plot = figures.ablation(runs, fig_dir, factor, **kw)
         sections.append(Section(title, plot, [] if plot.missing else ablation_sentences(plot.numbers, factor),
                                 _shown(plot.numbers)))
-    for name, title in (("grids/reconstructions.png", "Reconstructions"), ("grids/samples.png", "Samples")):
+    for name, title in ((S.RECONSTRUCTIONS_GRID, "Reconstructions"), (S.SAMPLES_GRID, "Samples")):
         plot = figures.image_grids(runs, fig_dir, name)
-        sections.append(Section(title, plot, table=None if plot.missing else plot.numbers[["backbone", SERIES, "run_id"]]))
+        sections.append(Section(title, plot, table=None if plot.missing else plot.numbers[[S.BACKBONE, SERIES, "run_id"]]))
     return sections
 
 
@@ -171,7 +172,7 @@ def _shown(table: pd.DataFrame) -> Optional[pd.DataFrame]:
 
 def overview(runs: pd.DataFrame) -> pd.DataFrame:
     """How many runs each backbone × pipeline has, by run status."""
-    keys = [c for c in ("backbone", "pipeline") if c in runs]
+    keys = [c for c in (S.BACKBONE, "pipeline") if c in runs]
     if not keys or runs.empty:
         return pd.DataFrame({"runs": [len(runs)]})
     return runs.fillna({k: "?" for k in keys}).pivot_table(index=keys, columns="status", values="run_id",
@@ -264,8 +265,8 @@ def report(runs: pd.DataFrame, out_dir: Path, cfg: Optional[ReportConfig] = None
 def default_out_dir(source: str | Path) -> Path:
     """<study folder>/report: a folder source is the study folder; a spec names its study_dir."""
     if Path(source).is_dir():
-        return Path(source) / "report"
-    return load_spec(source).root / "report"
+        return Path(source) / S.REPORT_DIR
+    return load_spec(source).root / S.REPORT_DIR
 
 
 def write_report(spec_path: str | Path, out_dir: Optional[str | Path] = None,

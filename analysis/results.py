@@ -22,19 +22,17 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from study import ledger
+from study import ledger, schema as S
 from study.spec import load_spec
 
-ROLE_TAG = "vfmstudy.role"
 # design tags -> how to type them; `seed` falls back to the param the spec writes seeds to
-DESIGN = {"backbone": str, "family": str, "seed": int, "tokenizer_kind": str, "generator_kind": str,
-          "num_queries": int, "sampler": str, "semantic": bool}
+DESIGN = S.DESIGN
 # (pattern on the metric key after its stage prefix, direction): first match wins; no match -> no best column
 BEST_RULES = [
     (r"fd|fid|loss|lpips|uniformity", "min"),
     (r"acc|psnr|ssim|usage|perplexity|precision|recall|consistency|rank", "max"),
 ]
-GRIDS = ("grids/reconstructions.png", "grids/samples.png")
+GRIDS = (S.RECONSTRUCTIONS_GRID, S.SAMPLES_GRID)
 
 
 def direction(metric: str) -> Optional[str]:
@@ -107,20 +105,20 @@ def _all_runs(client, experiment_id: str) -> list:
 
 def _is_cell(run) -> bool:
     """Contract: tag vfmstudy.role=cell; runs from before that tag: any child of a sweep run."""
-    role = run.data.tags.get(ROLE_TAG)
-    return role == "cell" if role else "mlflow.parentRunId" in run.data.tags
+    role = run.data.tags.get(S.ROLE)
+    return role == S.ROLE_CELL if role else S.PARENT_RUN in run.data.tags
 
 
 def _row(client, run) -> dict[str, Any]:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                            "status": run.info.status,
-                           "cell": tags.get("vfmstudy.cell", tags.get("cell_id"))}
+                           "cell": tags.get(S.CELL, tags.get(S.CELL_ID))}
     for key in DESIGN:
-        value = tags.get(key, params.get(key) if key == "seed" else None)
+        value = tags.get(key, params.get(key) if key == S.SEED else None)
         if value is not None:
             row[key] = value
-    row.update({k: v for k, v in tags.items() if k.startswith("stage.")})
+    row.update({k: v for k, v in tags.items() if k.startswith(S.STAGE_TAG_PREFIX)})
     row.update({f"params.{k}": v for k, v in params.items()})
     row.update(metrics)
     for key in metrics:
@@ -138,8 +136,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             frame[key] = _cast(frame[key], kind)
     for col in [c for c in frame.columns if c.startswith("params.")]:
         frame[col] = _infer(frame[col])
-    if "tokenizer_kind" in frame and "generator_kind" in frame:
-        frame["pipeline"] = frame["tokenizer_kind"] + "+" + frame["generator_kind"]
+    if S.TOKENIZER_KIND in frame and S.GENERATOR_KIND in frame:
+        frame["pipeline"] = frame[S.TOKENIZER_KIND] + "+" + frame[S.GENERATOR_KIND]
     return frame
 
 
@@ -194,5 +192,5 @@ def artifact(runs: pd.DataFrame, run_id: str, path: str, dst: Optional[Path] = N
 
 def describe(runs: pd.DataFrame) -> str:
     """One line saying what was loaded (for CLIs and notebooks)."""
-    design = {k: sorted(map(str, runs[k].dropna().unique())) for k in DESIGN if k in runs and k != "seed"}
+    design = {k: sorted(map(str, runs[k].dropna().unique())) for k in DESIGN if k in runs and k != S.SEED}
     return f"{len(runs)} cell runs from {runs.attrs.get('experiment')}: {json.dumps(design)}"

@@ -29,22 +29,36 @@ def skipped_note(png: str | Path) -> Path:
     return Path(png).with_suffix(".skipped.txt")
 
 
-def screenshot(url: str, path: str | Path, size: tuple[int, int] = (1400, 900), wait_ms: int = 5000,
-               timeout_s: float = 120) -> Path:
-    """Render `url` at `size` (width, height) and save a PNG to `path`.  `wait_ms` of virtual time
-    lets a JavaScript app (the MLflow UI is one) draw before the shot."""
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a stale file must not pass for this shot
+def _headless(url: str, action: list[str], size: tuple[int, int], wait_ms: int,
+              timeout_s: float) -> subprocess.CompletedProcess:
+    """Chromium on `url` without a window; `wait_ms` of virtual time lets a JavaScript app (the
+    MLflow UI is one) draw before `action` (--screenshot=..., --dump-dom)."""
     with tempfile.TemporaryDirectory(prefix="vfmstudy-chromium-") as profile:
         cmd = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", f"--screenshot={path}", f"--window-size={size[0]},{size[1]}",
+               f"--user-data-dir={profile}", *action, f"--window-size={size[0]},{size[1]}",
                "--hide-scrollbars", f"--virtual-time-budget={wait_ms}", url]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+
+
+def screenshot(url: str, path: str | Path, size: tuple[int, int] = (1400, 900), wait_ms: int = 5000,
+               timeout_s: float = 120) -> Path:
+    """Render `url` at `size` (width, height) and save a PNG to `path`."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a stale file must not pass for this shot
+    done = _headless(url, [f"--screenshot={path}"], size, wait_ms, timeout_s)
     if not path.is_file():
         raise RuntimeError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     return path
+
+
+def rendered_html(url: str, size: tuple[int, int] = (1400, 900), wait_ms: int = 5000, timeout_s: float = 120) -> str:
+    """The page's DOM after its scripts ran: what the screenshot shows, as text to search."""
+    done = _headless(url, ["--dump-dom"], size, wait_ms, timeout_s)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"chromium dumped no page (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout
 
 
 def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:

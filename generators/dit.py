@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generators.layers import RMSNorm, SwiGLU, apply_rope, rope_2d
+from generators.layers import RMSNorm, SwiGLU, apply_rope, rope_2d, sincos_2d
 
 
 @dataclass
@@ -75,17 +74,6 @@ DIT_PRESETS = {"DH-tiny": DiTDH_tiny, "DH-S": DiTDH_S, "DH-XL": DiTDH_XL,
 
 
 # --------------------------------------------------------------------------- embeddings
-def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """MAE-style frozen 2-D sin-cos table (h*w, dim): half the channels encode rows, half columns."""
-    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
-        out = np.outer(pos, omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (n, d)
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    table = np.concatenate([one_axis(dim // 2, rows.reshape(-1)), one_axis(dim // 2, cols.reshape(-1))], axis=1)
-    return torch.from_numpy(table).float()
-
-
 class FourierTimeEmbedder(nn.Module):
     """t (B,) in [0, 1] -> (B, D): [sin, cos](2 pi t W), W ~ N(0, scale^2) frozen, then an MLP."""
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the two generators (gpt.py, dit.py): RMSNorm, SwiGLU, 2-D RoPE.
+"""Building blocks shared by the generators (gpt.py, dit.py) and MAE's decoder: RMSNorm, SwiGLU,
+2-D RoPE, sin-cos positions.
 
 Both LlamaGen's GPT and RAE's DiT-DH rotate query/key pairs by 2-D positions with head_dim/4
 frequencies per axis: the first half of the rotated pairs turns with the row index, the second
@@ -10,6 +11,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """MAE's frozen 2-D sin-cos position table (h*w, dim): a quarter of the channels each for
+    sin(row), cos(row), sin(col), cos(col); zero-padded when dim is not a multiple of 4."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return F.pad(torch.cat(parts, dim=1).float(), (0, dim - 4 * quarter))
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -48,7 +48,7 @@ SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]  # (samples, labels
 
 # --------------------------------------------------------------------------- configs
 @dataclass
-class DataConfig:
+class CodesConfig:
     source: Literal["cache", "random"] = "random"
     path: str = ""  # codes.pt for source "cache"
     num_samples: int = 256  # size of the synthetic set for source "random"
@@ -86,7 +86,7 @@ class GeneratorRunConfig:
     gpt: Optional[GPTConfig] = None  # None: GPTConfig() (tiny)
     dit: Optional[DiTConfig] = None  # None: DiTConfig() (DiT-DH tiny)
     flow: FlowConfig = field(default_factory=FlowConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: CodesConfig = field(default_factory=CodesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: Optional[OptimConfig] = None  # None: the method's defaults for `kind` (default_optim)
     sample: SampleConfig = field(default_factory=SampleConfig)

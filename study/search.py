@@ -24,12 +24,14 @@ from typing import Optional
 import optuna
 import submitit
 
-from study import ledger, tracking
+from study import ledger, schema, tracking
+from study.backends import make_backend
 from study.config import ConfigError
-from study.launch import StageRun, _job_id, make_backend, run_stage
+from study.controller import controller_lock, controller_running, open_cell_run, open_sweep_run
 from study.spec import CellDraft, Resources, SearchSpec, SweepSpec, set_path
 from study.stages import Plan, build_plan, load_providers
 from study.training import Callback
+from study.worker import StageRun, job_id, run_stage
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -116,11 +118,11 @@ class TrialJob(submitit.helpers.Checkpointable):
         return trial, params
 
     def __call__(self, spec: SweepSpec, source: str, tracker: Optional[tracking.Tracker]) -> list[float]:
-        load_providers(spec.plugins)
+        load_providers(spec.stages, spec.plugins)
         s, root = spec.search, spec.root
         study = open_study(spec)
         trial, params = self._trial(study, s, root)
-        trial.set_user_attr("job_id", _job_id())
+        trial.set_user_attr("job_id", job_id())
         trial.set_user_attr("host", ledger.here()["host"])
         trial.set_user_attr("pid", ledger.here()["pid"])
         try:
@@ -139,12 +141,11 @@ class TrialJob(submitit.helpers.Checkpointable):
         if tracker:  # a requeued trial keeps reporting to its run
             run_id = trial.user_attrs.get("mlflow_run_id")
             if run_id is None:
-                tags = {"optuna.trial_number": str(trial.number), "optuna.study": study.study_name,
-                        "cell_id": cell.id, **{f"stage.{k}": st.id for k, st in cell.stages.items()}}
-                run_id = tracking.start_run(tracker, f"trial-{trial.number}", tags, params=cell.config)
+                run_id = open_cell_run(plan, tracker, cell, f"trial-{trial.number}", {
+                    schema.TRIAL_NUMBER: str(trial.number), schema.OPTUNA_STUDY: study.study_name})
                 trial.set_user_attr("mlflow_run_id", run_id)
             run_ids = [run_id]
-        trial.set_user_attr("cell_id", cell.id)
+        trial.set_user_attr(schema.CELL_ID, cell.id)
         prune_kind, _, prune_metric = (s.prune_on or "").partition("/")
         results = {}
         try:
@@ -152,7 +153,7 @@ class TrialJob(submitit.helpers.Checkpointable):
             for st in stages:
                 cbs = [PruningCallback(trial, prune_metric)] if st.kind == prune_kind else []
                 item = StageRun(st, run_ids, run_ids if st is stages[-1] else [])
-                results[st.kind] = run_stage(item, root, tracker, spec.launcher.retries, cbs, _job_id())
+                results[st.kind] = run_stage(item, root, tracker, spec.launcher.retries, cbs, job_id())
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             if tracker:
@@ -161,7 +162,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         except Exception:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        values = [float(results[m.split("/")[0]][m.split("/", 1)[1]]) for m in s.metrics]
+        values = [results[m.split("/")[0]].metrics[m.split("/", 1)[1]] for m in s.metrics]
         study.tell(trial, values)
         return values
 
@@ -189,18 +190,11 @@ def _fail_stale(study: optuna.Study, backend) -> int:
 
 
 def run(plan: Plan, overrides: list[str], detach: bool = False, quiet: bool = False) -> int:
-    from study.sweep import controller_lock
     _check_metrics(plan)
     spec, s = plan.spec, plan.spec.search
     lock = controller_lock(plan)
     manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
-    tracker = None
-    if spec.tracking.enabled:
-        uri = spec.tracking.uri or tracking.default_uri(plan.root)
-        exp = tracking.init_store(uri, spec.tracking.experiment or spec.name, plan.root / "mlartifacts")
-        pid = manifest.get("tracking", {}).get("parent_run_id")
-        tracker = tracking.Tracker(uri, exp, pid) if pid else tracking.start_sweep(uri, exp, spec.name, {})
-        manifest["tracking"] = {"uri": uri, "experiment_id": exp, "parent_run_id": tracker.parent_run_id}
+    tracker = open_sweep_run(plan, manifest)
     manifest.update(name=spec.name, spec=str(Path(plan.source).resolve()), overrides=overrides, search=True)
     ledger.write_json(ledger.manifest_path(plan.root, spec.name), manifest)
     study = open_study(spec)
@@ -258,7 +252,7 @@ def report(plan: Plan, command: str) -> int:
     study = open_study(spec)
     if command == "wait":
         while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) or \
-                len(study.get_trials(deepcopy=False, states=FINISHED)) < spec.search.n_trials and _controller(plan):
+                len(study.get_trials(deepcopy=False, states=FINISHED)) < spec.search.n_trials and controller_running(plan):
             time.sleep(spec.launcher.poll_s)
     if command == "collect":
         print(study.trials_dataframe().to_csv(index=False))
@@ -274,8 +268,3 @@ def report(plan: Plan, command: str) -> int:
     print(f"dashboard: optuna-dashboard {storage}   (pip install optuna-dashboard)")
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     return 0 if finished >= spec.search.n_trials else 1
-
-
-def _controller(plan: Plan) -> bool:
-    from study.sweep import controller_running
-    return controller_running(plan)

@@ -1,15 +1,16 @@
 """The sweep spec: one YAML file describing a study, loaded through `study.config`.
 
     name: backbones
-    stages: [vfm, tokenizer, tokenizer_eval]        # stage kinds, see study.stages
+    stages: [reference, vfm, tokenizer, tok_eval]    # stage kinds (study.schema.CHAIN, or a plugin's)
     base: {data: {...}, vfm: {...}, tokenizer: {...}}   # free-form here; each stage kind types its sections
     axes:
-      grid: {vfm.name: [dinov2_s, siglip_b]}         # Cartesian product
-      zip:  {tokenizer.lr: [1e-4, 3e-4], tokenizer.batch: [64, 128]}   # paired, equal lengths
-      lists: [{tokenizer.codebook: 4096}, {tokenizer.codebook: 16384, tokenizer.dim: 12}]
+      grid: {vfm.name: [dinov2_vits14_reg, siglip2_vitb16_256]}   # Cartesian product
+      zip:  {tokenizer.optim.lr: [1e-4, 3e-4], tokenizer.train.batch_size: [64, 128]}   # paired, equal lengths
+      lists: [{tokenizer.model.codebook_size: 4096}, {tokenizer.model.codebook_size: 16384, tokenizer.model.code_dim: 12}]
     seeds: [0, 1]                                    # written to every path in seed_keys
-    include: [{vfm.name: dinov2_s}]                  # keep cells matching any of these
-    exclude: [{vfm.name: siglip_b, seed: 1}]         # drop cells matching any of these
+    seed_keys: [tokenizer.train.seed]
+    include: [{vfm.name: dinov2_vits14_reg}]         # keep cells matching any of these
+    exclude: [{vfm.name: siglip2_vitb16_256, tokenizer.train.seed: 1}]   # drop cells matching any of these
     resources: {tokenizer: {gpus: 1, timeout_min: 240}}
     launcher: {backend: slurm, retries: 1, submitit: {slurm_qos: high}}
     tracking: {uri: null, experiment: null}          # null: sqlite file in the study folder
@@ -163,7 +164,7 @@ class SweepSpec:
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: Optional[SearchSpec] = None
-    plugins: list[str] = field(default_factory=list)  # modules to import: they register stage kinds
+    plugins: list[str] = field(default_factory=list)  # extra modules registering stage kinds (the chain is built in)
     report: bool = nonsemantic(True)  # write <study_dir>/report (python -m analysis.report) when a run ends
     study_dir: str = nonsemantic("studies/{name}")  # stage cache + ledger + mlflow db; {name} is filled in
 

@@ -6,11 +6,12 @@ A stage kind is registered once, next to the code it runs:
     class TokenizerStage:            # fields = the top-level config sections it reads
         data: DataConfig
         vfm: VFMSpec
-        tokenizer: TokenizerConfig
+        tokenizer: TokenizerSection
 
-    @register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_backbone)
-    def run_tokenizer(ctx: StageContext) -> dict[str, float]:
-        ...  # train into ctx.dir with ctx.callbacks, read ctx.inputs["vfm"].dir; return final metrics
+    @register_stage("tokenizer", TokenizerStage, needs=("vfm",), validate=check_tokenizer)
+    def run_tokenizer(ctx: StageContext) -> StageResult:
+        ...  # train into ctx.dir with ctx.callbacks, read ctx.inputs["vfm"].dir
+        return StageResult(metrics={"loss": ...}, outputs={"codes": "codes.pt"}, tags={"sampler": ...})
 
 A stage's id is `config_hash(its typed config, kind, version, *upstream ids)`: a stage that many
 cells share has one id, one folder `<study_dir>/stages/<kind>/<id>/`, and runs once.
@@ -27,19 +28,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, get_args, get_origin
 
+from study import ledger, schema
 from study.config import ConfigError, config_hash, from_dict
 from study.spec import CellDraft, Resources, SweepSpec, expand
 from study.training import Callback
 
-# modules that register stage kinds when imported; the real pipeline's module is added here
-PROVIDERS: list[str] = ["study.toy"]
+# the study's own chain: its kinds are known by name (study.schema), its module is imported
+# only by sweeps that use it, so that engine processes of other chains stay torch-light
+BUILTIN_PROVIDER = "study.pipeline.stages"
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves behind (result.json), JSON-able.
+
+    metrics:   final numbers, logged to MLflow as `<kind>/<key>`
+    outputs:   what later stages read (paths relative to the stage folder, specs, ...)
+    tags:      MLflow tags describing the cell (backbone, family, ...)
+    artifacts: MLflow artifact folder -> files relative to the stage folder"""
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, value in self.metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"metric '{key}' must be a number, got {value!r} (put it in outputs or tags)")
+        self.metrics = {k: float(v) for k, v in self.metrics.items()}
+        self.tags = {k: str(v) for k, v in self.tags.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Optional[dict]) -> Optional["StageResult"]:
+        """None for an absent result or one written in another layout (the stage runs again)."""
+        if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(cls)}:
+            return None
+        return cls(**data)
+
+
+def read_stage_result(stage_dir: Path) -> Optional[StageResult]:
+    return StageResult.from_json(ledger.read_result(stage_dir))
 
 
 @dataclass
 class Upstream:
     """A finished upstream stage as seen by a downstream one."""
     dir: Path
-    result: dict[str, Any]
+    result: StageResult
 
 
 @dataclass
@@ -57,7 +95,7 @@ class StageContext:
 class StageKind:
     name: str
     config: type
-    run: Callable[[StageContext], dict[str, Any]]
+    run: Callable[[StageContext], StageResult]
     needs: tuple[str, ...] = ()
     validate: Optional[Callable[[Any], None]] = None  # raise ConfigError(msg, key="section.field")
     version: str = "1"  # bump to invalidate every cached result of this kind
@@ -74,24 +112,26 @@ _KINDS: dict[str, StageKind] = {}
 def register_stage(name: str, config: type, *, needs: tuple[str, ...] = (),
                    validate: Optional[Callable[[Any], None]] = None, version: str = "1",
                    missing: Optional[Callable[[Any], Optional[str]]] = None):
-    """Decorator registering `run(ctx: StageContext) -> dict` as stage kind `name`.
+    """Decorator registering `run(ctx: StageContext) -> StageResult` as stage kind `name`.
 
     `config` is a dataclass whose fields are the top-level sections of the cell config this
     stage reads (anything it does not read cannot change its id). `needs` are upstream kinds.
-    The result dict must be JSON-able (final metrics, paths relative to ctx.dir).
     `missing(cfg)` names an input file a run would lack (e.g. pretrained weights): the dry run
     lists every one, and a real run refuses to start while any is missing."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"stage '{name}': config must be a dataclass, got {config!r}")
 
-    def deco(run: Callable[[StageContext], dict[str, Any]]):
+    def deco(run: Callable[[StageContext], StageResult]):
         _KINDS[name] = StageKind(name, config, run, tuple(needs), validate, version, missing)
         return run
     return deco
 
 
-def load_providers(extra: list[str] = ()) -> None:
-    for module in [*PROVIDERS, *extra]:
+def load_providers(stages: list[str], extra: list[str] = ()) -> None:
+    """Import the modules registering the kinds a sweep uses: the study's chain when it names
+    one of its kinds, and the spec's `plugins` (user extensions, test chains)."""
+    builtin = [BUILTIN_PROVIDER] if set(stages) & set(schema.CHAIN) else []
+    for module in [*builtin, *extra]:
         importlib.import_module(module)
 
 
@@ -141,19 +181,6 @@ class Plan:
     def root(self) -> Path:
         return self.spec.root
 
-    def levels(self) -> list[list[Stage]]:
-        """Stages grouped by depth in the DAG: a level only needs earlier levels."""
-        depth: dict[str, int] = {}
-        for key, st in self.stages.items():  # dependency order: upstream depths are known
-            depth[key] = 1 + max((depth[u] for u in st.upstream), default=-1)
-        out: list[list[Stage]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
-        for key, st in self.stages.items():
-            out[depth[key]].append(st)
-        return out
-
-    def cells_of(self, stage_key: str) -> list[Cell]:
-        return [c for c in self.cells if any(s.key == stage_key for s in c.stages.values())]
-
 
 def _axis_origins(spec: SweepSpec) -> dict[str, str]:
     """Key path -> where the spec sets it, so that errors point at the axis, not at `base`."""
@@ -201,7 +228,7 @@ def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = No
     def fail(msg: str, key: str):
         raise ConfigError(msg, source=source, key=key)
 
-    load_providers(spec.plugins)
+    load_providers(spec.stages, spec.plugins)
     kinds: list[StageKind] = []
     for i, name in enumerate(spec.stages):
         try:

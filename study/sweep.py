@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import os
 import statistics
 import subprocess
 import sys
@@ -25,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from study import ledger
-from study.config import ConfigError, dump_yaml, flatten
+from study import ledger, schema, tracking
+from study.backends import make_backend
+from study.config import ConfigError, dump_yaml
+from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
+                              open_tracking, stage_runs)
 from study.ledger import ACTIVE, State
-from study.spec import get_path, load_spec
-from study.stages import Cell, Plan, build_plan, get_kind
-from study.launch import Scheduler, StageRun, make_backend
-from study import tracking
+from study.spec import load_spec
+from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
 
 COMMANDS = ("run", "status", "wait", "collect")
 
@@ -58,73 +57,6 @@ def cell_state(plan: Plan, cell: Cell) -> State:
     return State.PENDING
 
 
-# --------------------------------------------------------------------------- tracking
-def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
-    """Store, experiment, sweep run and cell runs, created here before any worker starts.
-    Runs recorded in the manifest are reused, so a re-run appends to the same runs."""
-    spec = plan.spec
-    if not spec.tracking.enabled:
-        return None
-    uri = spec.tracking.uri or tracking.default_uri(plan.root)
-    exp_id = tracking.init_store(uri, spec.tracking.experiment or spec.name, plan.root / "mlartifacts")
-    if manifest.get("tracking", {}).get("uri") == uri and manifest["tracking"].get("parent_run_id"):
-        tracker = tracking.Tracker(uri, exp_id, manifest["tracking"]["parent_run_id"])
-    else:
-        tracker = tracking.start_sweep(uri, exp_id, spec.name, {"spec": str(Path(plan.source).resolve())})
-    manifest["tracking"] = {"uri": uri, "experiment_id": exp_id, "parent_run_id": tracker.parent_run_id}
-    old = {c["id"]: c.get("run_id") for c in manifest.get("cells", [])}
-    for cell in plan.cells:
-        run_id = old.get(cell.id)
-        if not run_id:
-            tags = {"cell_id": cell.id, "sweep": spec.name, "vfmstudy.role": "cell", "vfmstudy.cell": cell.id,
-                    **_seed_tag(spec, cell),
-                    **{f"stage.{k}": s.id for k, s in cell.stages.items()},
-                    **{f"axis.{k}": str(v) for k, v in cell.values.items()}}
-            run_id = tracking.start_run(tracker, _cell_name(cell), tags, params=cell.config)
-            _log_cached(plan, tracker, cell, run_id)
-        manifest.setdefault("run_ids", {})[cell.id] = run_id
-    return tracker
-
-
-def _seed_tag(spec, cell: Cell) -> dict[str, str]:
-    """The cell's seed (the value at the first seed key), for grouping runs by seed."""
-    for key in spec.seed_keys:
-        value = get_path(cell.config, key, None)
-        if value is not None:
-            return {"seed": str(value)}
-    return {}
-
-
-def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) -> None:
-    """A new cell run whose stages already ran (in another sweep) gets their results now."""
-    done = 0
-    for kind, st in cell.stages.items():
-        result = ledger.read_result(st.dir(plan.root))
-        if result is not None and _status(plan, st.key)["state"] == State.COMPLETED:
-            done += 1
-            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result,
-                                      step=int(_status(plan, st.key).get("step") or 0))
-    if done == len(cell.stages):
-        tracking.end_runs(tracker, [run_id], "FINISHED")
-
-
-def _cell_name(cell: Cell) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items()) or cell.id
-
-
-def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:
-    runs = {key: StageRun(st) for key, st in plan.stages.items()}
-    for cell in plan.cells:
-        rid = run_ids.get(cell.id)
-        if not rid:
-            continue
-        keys = [s.key for s in cell.stages.values()]
-        for key in keys:
-            runs[key].run_ids.append(rid)
-        runs[keys[-1]].finishes.append(rid)
-    return runs
-
-
 # --------------------------------------------------------------------------- manifest
 def write_manifest(plan: Plan, manifest: dict, overrides: list[str]) -> None:
     """The ledger's manifest, and `sweep.yaml`: the resolved spec (overrides applied), which
@@ -137,25 +69,6 @@ def write_manifest(plan: Plan, manifest: dict, overrides: list[str]) -> None:
         cells=[{"index": c.index, "id": c.id, "values": c.values, "run_id": manifest.get("run_ids", {}).get(c.id),
                 "stages": {k: s.key for k, s in c.stages.items()}} for c in plan.cells])
     ledger.write_json(ledger.manifest_path(plan.root, plan.spec.name), manifest)
-
-
-class ControllerBusy(RuntimeError):
-    pass
-
-
-def controller_lock(plan: Plan):
-    """One controller per sweep: a second `run` would double-submit. Released when the
-    process dies, so a killed controller never blocks the re-run."""
-    path = ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        raise ControllerBusy(f"another controller runs sweep '{plan.spec.name}' (pid {fh.read().strip()})")
-    fh.seek(0), fh.truncate(), fh.write(str(os.getpid())), fh.flush()
-    return fh
 
 
 # --------------------------------------------------------------------------- dry run / table
@@ -244,11 +157,11 @@ def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
             runtime = s.get("runtime_s") or (now - s["started"] if state == State.RUNNING and s.get("started") else None)
             metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
             if state == State.COMPLETED:
-                res = ledger.read_result(st.dir(plan.root)) or {}
-                metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.items())[:2] if isinstance(v, (int, float)))
+                res = read_stage_result(st.dir(plan.root)) or StageResult()
+                metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.metrics.items())[:2])
             job = f"j{s['job_id']}" if s.get("job_id") and s["job_id"] != "inline" else ""
             cols.append(f"{kind}:{label}#{s.get('attempt', 0)} {job} {_fmt_s(runtime)} {metric}".strip())
-        rows.append(f"{cell.index:3d} {_cell_name(cell)[:40]:40s} | " + " | ".join(cols))
+        rows.append(f"{cell.index:3d} {cell_name(cell)[:40]:40s} | " + " | ".join(cols))
     head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}\n" + "\n".join(rows)
 
@@ -318,9 +231,8 @@ def write_report(plan: Plan) -> None:
     analysis reads MLflow, the engine does not import it, and a failing report never fails the
     sweep. A screenshot that cannot be taken (no Chromium, a remote store) is named in the report
     and in the last lines printed here."""
-    out = plan.root / "report"
-    shot = [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root),
-            "--out", str(out / "assets" / "mlflow_compare.png")]
+    out = plan.root / schema.REPORT_DIR
+    shot = [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root), "--out", str(out / schema.MLFLOW_SCREENSHOT)]
     steps = [[sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]]
     if plan.spec.tracking.uri is None:
         steps.insert(0, shot)
@@ -360,14 +272,6 @@ def follow(plan: Plan, sched: Scheduler, quiet: bool = False, controller_elsewhe
     return summary(plan, quiet)
 
 
-def controller_running(plan: Plan) -> bool:
-    try:
-        controller_lock(plan).close()
-        return False
-    except ControllerBusy:
-        return True
-
-
 def summary(plan: Plan, quiet: bool = False) -> int:
     states = [cell_state(plan, c) for c in plan.cells]
     done = sum(s == State.COMPLETED for s in states)
@@ -405,15 +309,15 @@ def _detach_local(plan: Plan, overrides: list[str], force: bool, retry_failed: b
 
 
 def collect(plan: Plan):
-    """One row per cell: axis values, stage states and ids, every numeric result (kind/key)."""
+    """One row per cell: axis values, stage states and ids, every stage metric (kind/key)."""
     import pandas as pd
     rows = []
     for cell in plan.cells:
-        row = {"cell": cell.index, "cell_id": cell.id, "state": cell_state(plan, cell).value, **cell.values}
+        row = {"cell": cell.index, schema.CELL_ID: cell.id, "state": cell_state(plan, cell).value, **cell.values}
         for kind, st in cell.stages.items():
             row[f"{kind}.id"] = st.id
-            result = ledger.read_result(st.dir(plan.root)) or {}
-            row.update({f"{kind}/{k}": v for k, v in flatten(result).items()})
+            result = read_stage_result(st.dir(plan.root)) or StageResult()
+            row.update({schema.metric(kind, k): v for k, v in result.metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 

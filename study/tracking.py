@@ -2,8 +2,8 @@
 `mlflow.parentRunId` tag, so jobs in other processes can attach), stage curves with steps.
 
 The controller creates (and migrates) the store, the experiment, the parent and the cell runs
-BEFORE any worker starts: N workers racing to migrate a fresh sqlite file all fail (harness.md
-§4.3).  Workers only append to existing runs.  A stage shared by several cells logs into each
+BEFORE any worker starts: N workers racing to migrate a fresh sqlite file all fail.  Workers
+only append to existing runs.  A stage shared by several cells logs into each
 of their runs, prefixed with its kind (`toy_train/loss/model`), so every cell run is complete
 on its own in the MLflow UI.
 """
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from study import schema
 from study.config import flatten
+from study.stages import StageResult
 from study.training import Callback
 
 T = TypeVar("T")
@@ -108,7 +110,7 @@ def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[st
     client = tracker.client
     all_tags = dict(tags)
     if not parent:
-        all_tags["mlflow.parentRunId"] = tracker.parent_run_id
+        all_tags[schema.PARENT_RUN] = tracker.parent_run_id
     run = retry(client.create_run, tracker.experiment_id, run_name=name, tags=all_tags)
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch call
@@ -118,7 +120,8 @@ def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[st
 
 def start_sweep(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> Tracker:
     base = Tracker(uri, experiment_id, "")
-    run_id = start_run(base, name, {"sweep": name, "vfmstudy.role": "sweep", **provenance(), **tags}, parent=True)
+    run_id = start_run(base, name, {schema.SWEEP: name, schema.ROLE: schema.ROLE_SWEEP, **provenance(), **tags},
+                       parent=True)
     return Tracker(uri, experiment_id, run_id)
 
 
@@ -149,20 +152,18 @@ def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
         retry(tracker.client.set_terminated, run_id, status)
 
 
-def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: dict,
+def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: StageResult,
                      step: int = 0) -> None:
-    """A finished stage's result into the cell runs that contain it: numeric values as
-    `<kind>/<key>` metrics, `result["tags"]` as tags (e.g. backbone, family), and the files
-    named in `result["artifacts"]` ({artifact folder: [paths relative to the stage dir]}).
+    """A finished stage's result into the cell runs that contain it: its metrics as
+    `<kind>/<key>`, its tags (e.g. backbone, family), its config and its artifacts.
     `step`: the stage's last training step, so that a final value shares the x axis of the
     curve the stage's callback logged under the same name (at step 0 it would read as the
     curve's starting point)."""
-    numeric = {f"{kind}/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_metrics(tracker, run_ids, numeric, step=step)
-    if result.get("tags"):
-        set_tags(tracker, run_ids, result["tags"])
-    log_artifact(tracker, run_ids, Path(stage_dir) / "config.yaml", f"stages/{kind}")
-    for folder, files in (result.get("artifacts") or {}).items():
+    log_metrics(tracker, run_ids, {schema.metric(kind, k): v for k, v in result.metrics.items()}, step=step)
+    if result.tags:
+        set_tags(tracker, run_ids, result.tags)
+    log_artifact(tracker, run_ids, Path(stage_dir) / schema.STAGE_CONFIG, schema.stage_config_artifact_dir(kind))
+    for folder, files in result.artifacts.items():
         for name in files:
             log_artifact(tracker, run_ids, Path(stage_dir) / name, folder)
 
@@ -174,7 +175,7 @@ class MlflowCallback(Callback):
         self.tracker, self.run_ids, self.prefix = tracker, list(run_ids), prefix
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.tracker, self.run_ids, {f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
+        log_metrics(self.tracker, self.run_ids, {schema.metric(self.prefix, k): v for k, v in metrics.items()}, step)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._log(step, metrics)

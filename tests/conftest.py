@@ -8,6 +8,6 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 import torch  # noqa: E402
 
 # one intra-op thread: at these tiny sizes two threads cost more in synchronisation than they gain
-# (measured ~5x slower on a busy 2-core box); subprocess tests set OMP_NUM_THREADS themselves
+# on a shared 2-core box; subprocess tests set OMP_NUM_THREADS themselves
 torch.set_num_threads(1)
-pytest_plugins = ["tests.slurm_fixtures"]
+pytest_plugins = ["tests.slurm_fixtures", "tests.real_chain"]

@@ -1,5 +1,8 @@
-"""analysis/: a synthetic finished sweep in a tmp sqlite MLflow store (parent run + cell runs with
-metrics, histories and PNG artifacts) -> runs frame, statistics, figures, report, notebook."""
+"""analysis/ on two studies:
+- the real chain's micro study (tests/real_chain.py: every stage of study.pipeline, tracked by
+  the engine) -> runs frame checked against the ledger, figures, report, CLI, notebook;
+- a finished sweep with known answers (fixed metrics, curves and seeds logged under the
+  schema's names) -> the statistics, correlations and speed-ups the report states."""
 
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from scipy import stats as sps
 
 from analysis import figures, results, stats
 from analysis.report import ReportConfig, main, report, write_report
+from study import schema as S
+from study.stages import read_stage_result
+from tests.real_chain import BACKBONES as REAL_BACKBONES
 
 BACKBONES = {"inhouse:none": "none", "inhouse:dino": "self-distillation", "inhouse:ibot": "self-distillation+latent-mim"}
 VFM_PROBE = {"inhouse:none": 0.2, "inhouse:dino": 0.6, "inhouse:ibot": 0.7}
@@ -29,6 +35,9 @@ CURVES = {"inhouse:none": [100, 80, 60, 40, 35, 30], "inhouse:dino": [100, 60, 4
           "inhouse:ibot": [100, 40, 30, 25, 20, 18]}
 PIPELINES = (("vfmtok", "gpt"), ("vfmae", "dit"))
 SEEDS = (0, 1, 2)
+RFD_REF, FD_REF, FD_REF_GUIDED = (S.metric(S.TOK_EVAL, S.RFD_REF), S.metric(S.GEN_EVAL, S.FD_REF),
+                                  S.metric(S.GEN_EVAL, S.guided(S.FD_REF)))
+VFM_PROBE_ACC, CURVE = S.metric(S.VFM, S.PROBE_ACC), S.metric(S.GENERATOR, S.FD_REF)
 
 
 def _cells():
@@ -54,7 +63,7 @@ def build_sweep(root: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
     root.mkdir(parents=True)
-    spec = {"name": "synth", "stages": ["vfm", "tokenizer", "tokenizer_eval", "generator", "generator_eval"],
+    spec = {"name": "synth", "stages": list(S.CHAIN),
             "study_dir": str(root), "seeds": list(SEEDS)}
     (root / "sweep.yaml").write_text(yaml.safe_dump(spec))
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -66,9 +75,9 @@ def build_sweep(root: Path) -> dict:
         b = c["backbone"]
         rfd = RFD[b] - 5 * (c["tok"] == "vfmae") + 8 * (c["nq"] == 16) + 3 * (c["sampler"] == "grid") + rng.normal(0, 1)
         fd = 1.5 * rfd + rng.normal(0, 1)
-        final = {"vfm/probe_acc": VFM_PROBE[b] + rng.normal(0, 0.01), "vfm/knn_acc": VFM_PROBE[b] - 0.05,
-                 "tok_eval/rfd_ref": rfd, "tok_eval/psnr": 20 + 0.1 * (50 - rfd), "tok_eval/probe_acc": VFM_PROBE[b] - 0.1,
-                 "gen_eval/fd_ref": fd, "gen_eval/fd_ref_guided": 0.7 * fd + rng.normal(0, 0.5)}
+        final = {VFM_PROBE_ACC: VFM_PROBE[b] + rng.normal(0, 0.01), S.metric(S.VFM, S.KNN_ACC): VFM_PROBE[b] - 0.05,
+                 RFD_REF: rfd, S.metric(S.TOK_EVAL, S.PSNR): 20 + 0.1 * (50 - rfd), S.metric(S.TOK_EVAL, S.PROBE_ACC): VFM_PROBE[b] - 0.1,
+                 FD_REF: fd, FD_REF_GUIDED: 0.7 * fd + rng.normal(0, 0.5)}
         loss = list(np.linspace(2.0, 0.5, 5) + rng.uniform(0, 0.1, 5))
         loss[-1] = loss[-2] + 0.05  # the last value is not the best one
         curve = [v + (0.5 * c["seed"] if s >= 400 else 0) for s, v in zip(STEPS, CURVES[b])]
@@ -81,7 +90,7 @@ def build_sweep(root: Path) -> dict:
         run = client.create_run(exp, run_name=f"cell{i}").info.run_id
         metrics = [Metric(k, float(v), 0, 0) for k, v in final.items()]
         metrics += [Metric("tokenizer/loss/model", float(v), 0, 10 * s) for s, v in enumerate(loss)]
-        metrics += [Metric("generator/fd_ref", float(v), 0, s) for s, v in zip(STEPS, curve)]
+        metrics += [Metric(CURVE, float(v), 0, s) for s, v in zip(STEPS, curve)]
         client.log_batch(run, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
         colour = (40 * list(BACKBONES).index(b), 100 + 50 * (c["tok"] == "vfmae"), c["seed"] * 60)
@@ -108,7 +117,68 @@ def _main(logged: pd.DataFrame) -> pd.DataFrame:
     return logged[(logged["nq"] == 64) & (logged["sampler"] == "region")]
 
 
-# --------------------------------------------------------------------------- results
+# --------------------------------------------------------------------------- the real chain
+def _ledger(micro_study: dict) -> dict[str, dict]:
+    """Stage kind/id -> StageResult, read from the study's ledger (not from MLflow)."""
+    stages = micro_study["root"] / "stages"
+    return {f"{d.parent.name}/{d.name}": read_stage_result(d) for d in stages.glob("*/*")}
+
+
+@pytest.fixture(scope="module")
+def real_runs(micro_study):
+    return results.load_sweep(micro_study["spec"])
+
+
+def test_the_real_chain_runs_every_stage_within_90_cpu_s_and_tracks_each_cell(micro_study, real_runs):
+    assert micro_study["code"] == 0
+    took = f"micro study: {micro_study['cpu_seconds']:.1f} CPU s, {micro_study['seconds']:.1f} s wall"
+    print(took)
+    assert micro_study["cpu_seconds"] < 90, took
+    ledger_results = _ledger(micro_study)
+    assert sorted({k.split("/")[0] for k in ledger_results}) == sorted(S.CHAIN)
+    assert len(real_runs) == 3 and set(real_runs[S.BACKBONE]) == set(REAL_BACKBONES)
+    assert set(real_runs["pipeline"]) == {"vfmtok+gpt", "vfmae+dit"}
+    assert (real_runs["status"] == "FINISHED").all() and (real_runs[S.SEED] == 0).all()
+    for _, run in real_runs.iterrows():
+        for kind in S.CHAIN:
+            result = ledger_results[f"{kind}/{run[S.stage_tag(kind)]}"]
+            assert result is not None and result.metrics
+            for key, value in result.metrics.items():  # MLflow holds what the ledger holds
+                assert run[S.metric(kind, key)] == pytest.approx(value, rel=1e-6, abs=1e-9), (kind, key)
+            for tag in set(result.tags) & set(S.DESIGN):
+                assert str(run[tag]).lower() == result.tags[tag].lower(), tag
+    assert real_runs[list(S.DESIGN)].notna().all().all()
+
+
+def test_real_histories_hold_the_generator_convergence_curve(real_runs):
+    long = results.histories(real_runs, CURVE)
+    assert set(long["run_id"]) == set(real_runs["run_id"]) and {S.BACKBONE, "pipeline"} <= set(long.columns)
+    for _, curve in long.groupby("run_id"):
+        assert len(curve) >= 2 and curve["step"].is_monotonic_increasing
+    best = long.groupby("run_id")["value"].min()
+    np.testing.assert_allclose(real_runs.set_index("run_id")["best." + CURVE].loc[best.index], best)
+
+
+def test_real_image_grids_are_the_files_the_stages_wrote(micro_study, real_runs, tmp_path):
+    for name, kind in ((S.SAMPLES_GRID, S.GEN_EVAL), (S.RECONSTRUCTIONS_GRID, S.TOK_EVAL)):
+        plot = figures.image_grids(real_runs, tmp_path, name)
+        assert plot.missing is None and len(plot.numbers) == 3
+        for _, row in plot.numbers.iterrows():
+            stage_id = real_runs.set_index("run_id").loc[row["run_id"], S.stage_tag(kind)]
+            written = micro_study["root"] / "stages" / kind / stage_id / name.split("/", 1)[1]
+            assert Path(row["file"]).read_bytes() == written.read_bytes()
+
+
+def test_report_of_the_real_study_embeds_every_figure_it_drew(real_runs, tmp_path):
+    path = report(real_runs, tmp_path / "report", ReportConfig(n_boot=50))
+    page = html.unescape(path.read_text())
+    drawn = sorted((tmp_path / "report" / "figures").glob("*.png"))
+    assert {"backbones", "convergence", "guidance", "reconstructions", "samples"} <= {p.stem for p in drawn}
+    assert {base64.b64decode(i) for i in _images(page)} == {p.read_bytes() for p in drawn}
+    assert "fewer than 3 backbones" in page  # two backbones: no rank correlation is claimed
+
+
+# --------------------------------------------------------------------------- results (known answers)
 def test_load_sweep_gives_one_typed_row_per_cell_run(runs, sweep):
     logged = sweep["logged"]
     assert len(runs) == len(logged) == 24 and sweep["parent"] not in set(runs["run_id"])
@@ -121,13 +191,13 @@ def test_load_sweep_gives_one_typed_row_per_cell_run(runs, sweep):
     assert set(runs["pipeline"]) == {"vfmtok+gpt", "vfmae+dit"}
     assert runs["stage.vfm"].str.startswith("vfm").all()
     merged = runs.merge(logged, on="run_id", suffixes=("", "_logged"))
-    for metric in ("tok_eval/rfd_ref", "gen_eval/fd_ref_guided", "vfm/probe_acc"):
+    for metric in (RFD_REF, FD_REF_GUIDED, VFM_PROBE_ACC):
         np.testing.assert_allclose(merged[metric], merged[f"{metric}_logged"])
     assert (merged["backbone"] == merged["backbone_logged"]).all() and (merged["seed"] == merged["seed_logged"]).all()
     # final = last logged value, best = min over the history for losses
     np.testing.assert_allclose(merged["tokenizer/loss/model"], [l[-1] for l in merged["loss"]])
     np.testing.assert_allclose(merged["best.tokenizer/loss/model"], [min(l) for l in merged["loss"]])
-    np.testing.assert_allclose(merged["best.generator/fd_ref"], merged["generator/fd_ref"])  # monotone curves
+    np.testing.assert_allclose(merged["best." + CURVE], merged[CURVE])  # monotone curves
     assert (merged["best.tokenizer/loss/model"] < merged["tokenizer/loss/model"]).all()
     assert "best.vfm/probe_acc" in runs and "best.tok_eval/psnr" in runs
 
@@ -142,7 +212,7 @@ def test_a_tracking_uri_or_the_study_folder_load_the_same_runs(runs, sweep):
 
 
 def test_histories_are_long_with_design_columns(runs):
-    long = results.histories(runs, "generator/fd_ref")
+    long = results.histories(runs, CURVE)
     assert list(long.columns[:3]) == ["run_id", "step", "value"]
     assert len(long) == len(runs) * len(STEPS)
     none = long[(long["backbone"] == "inhouse:none") & (long["seed"] == 0)]
@@ -150,10 +220,10 @@ def test_histories_are_long_with_design_columns(runs):
 
 
 def test_direction_rules():
-    assert results.direction("gen_eval/fd_ref_guided") == "min"
+    assert results.direction(FD_REF_GUIDED) == "min"
     assert results.direction("tokenizer/loss/model") == "min"
     assert results.direction("tok_eval/codebook_usage") == "max"
-    assert results.direction("vfm/knn_acc") == "max"
+    assert results.direction(S.metric(S.VFM, S.KNN_ACC)) == "max"
     assert results.direction("tok_eval/something_else") is None
 
 
@@ -170,11 +240,11 @@ def test_backbone_bars_plot_seed_intervals_of_the_logged_values(runs, sweep, tmp
     plot = figures.backbone_bars(runs, tmp_path)
     assert plot.missing is None and plot.path.is_file()
     table = plot.numbers
-    assert set(table["metric"]) == {"tok_eval/rfd_ref", "gen_eval/fd_ref", "tok_eval/probe_acc"}
+    assert set(table["metric"]) == {RFD_REF, FD_REF, S.metric(S.TOK_EVAL, S.PROBE_ACC)}
     main_runs = _main(sweep["logged"])
     for backbone in BACKBONES:
-        values = main_runs[(main_runs["backbone"] == backbone) & (main_runs["tok"] == "vfmtok")]["tok_eval/rfd_ref"]
-        row = table[(table["metric"] == "tok_eval/rfd_ref") & (table["backbone"] == backbone)
+        values = main_runs[(main_runs["backbone"] == backbone) & (main_runs["tok"] == "vfmtok")][RFD_REF]
+        row = table[(table["metric"] == RFD_REF) & (table["backbone"] == backbone)
                     & (table["series"] == "vfmtok+gpt")].iloc[0]
         low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
         assert row["n"] == 3  # ablation cells are not pooled into the per-backbone bars
@@ -202,8 +272,8 @@ def test_family_scatter_correlates_vfm_quality_with_tokenizer_quality(runs, swee
     corr = plot.numbers["correlations"].set_index("kind")
     main_runs = _main(sweep["logged"])
     for kind in ("vfmtok", "vfmae"):
-        means = main_runs[main_runs["tok"] == kind].groupby("backbone")[["vfm/probe_acc", "tok_eval/rfd_ref"]].mean()
-        expected = sps.spearmanr(means["vfm/probe_acc"], means["tok_eval/rfd_ref"]).statistic
+        means = main_runs[main_runs["tok"] == kind].groupby("backbone")[[VFM_PROBE_ACC, RFD_REF]].mean()
+        expected = sps.spearmanr(means[VFM_PROBE_ACC], means[RFD_REF]).statistic
         assert corr.loc[kind, "rho"] == pytest.approx(expected) == pytest.approx(-1)
         assert corr.loc[kind, "n"] == 3 and corr.loc[kind, "low"] <= corr.loc[kind, "high"]
 
@@ -241,14 +311,14 @@ def test_guidance_pairs_runs(runs, sweep, tmp_path):
     main_runs = _main(sweep["logged"])
     g = main_runs[(main_runs["backbone"] == "inhouse:ibot") & (main_runs["gen"] == "dit")]
     row = plot.numbers[(plot.numbers["backbone"] == "inhouse:ibot") & (plot.numbers["series"] == "vfmae+dit")].iloc[0]
-    assert row["gain_mean"] == pytest.approx((g["gen_eval/fd_ref"] - g["gen_eval/fd_ref_guided"]).mean())
+    assert row["gain_mean"] == pytest.approx((g[FD_REF] - g[FD_REF_GUIDED]).mean())
 
 
 def test_ablations_use_only_groups_where_the_factor_varies(runs, tmp_path):
     nq = figures.ablation(runs, tmp_path, "num_queries")
     assert nq.missing is None and nq.path.is_file()
     assert set(nq.numbers["backbone"]) == {"inhouse:dino"} and set(nq.numbers["num_queries"]) == {16, 64}
-    rfd = nq.numbers[nq.numbers["metric"] == "tok_eval/rfd_ref"].set_index("num_queries")["mean"]
+    rfd = nq.numbers[nq.numbers["metric"] == RFD_REF].set_index("num_queries")["mean"]
     assert rfd[16] > rfd[64]
     sampler = figures.ablation(runs, tmp_path, "sampler")
     assert sampler.missing is None and set(sampler.numbers["sampler"]) == {"region", "grid"}
@@ -302,34 +372,35 @@ def test_report_embeds_every_figure_and_writes_the_findings(runs, tmp_path):
     assert "3.00× faster" in md and "assets/mlflow_compare.png" in md
 
 
-def test_report_cli_writes_into_the_study_folder(sweep, capsys):
-    assert main([str(sweep["spec"]), "--set", "n_boot=100"]) == 0
-    html_path = sweep["root"] / "report" / "report.html"
+def test_report_cli_writes_into_the_study_folder(micro_study, capsys):
+    assert main([str(micro_study["root"]), "--set", "n_boot=100"]) == 0
+    html_path = micro_study["root"] / "report" / "report.html"
     assert str(html_path.resolve()) in capsys.readouterr().out
-    assert len(_images(html_path.read_text())) == 8
-    assert main([str(sweep["spec"]), "--set", "n_bot=1"]) == 2
+    drawn = sorted((micro_study["root"] / "report" / "figures").glob("*.png"))
+    assert len(drawn) >= 4 and len(_images(html_path.read_text())) == len(drawn)
+    assert main([str(micro_study["spec"]), "--set", "n_bot=1"]) == 2
     assert "did you mean 'n_boot'" in capsys.readouterr().err
 
 
-def test_write_report_returns_the_html_path(sweep, tmp_path):
-    path = write_report(sweep["spec"], tmp_path / "r", ReportConfig(n_boot=100))
+def test_write_report_returns_the_html_path(micro_study, tmp_path):
+    path = write_report(micro_study["spec"], tmp_path / "r", ReportConfig(n_boot=100))
     assert path == tmp_path / "r" / "report.html" and path.is_file()
 
 
 # --------------------------------------------------------------------------- notebook, screenshot
-def test_explore_notebook_executes_on_the_sweep(sweep, monkeypatch, tmp_path):
+def test_explore_notebook_executes_on_the_real_study(micro_study, monkeypatch, tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("VFMSTUDY_SWEEP", str(sweep["spec"]))
+    monkeypatch.setenv("VFMSTUDY_SWEEP", str(micro_study["spec"]))
     monkeypatch.setenv("VFMSTUDY_FIGURES", str(tmp_path))
     path = Path(__file__).parents[1] / "analysis" / "notebooks" / "explore_sweep.ipynb"
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                      for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert "24 cell runs from synth" in text and "no runs with semantic varying" in text
-    assert "inhouse:ibot" in text  # the speed-up table names the fastest backbone
+    assert "3 cell runs from micro" in text and "no runs with semantic varying" in text
+    assert all(b in text for b in REAL_BACKBONES)
     assert (tmp_path / "convergence.png").is_file() and (tmp_path / "backbones.png").is_file()
 
 

@@ -169,41 +169,36 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.mlflow_server
 @pytest.mark.timeout(400)
-def test_mlflow_server_helper_serves_logged_runs_over_rest_and_stops(tmp_path):
+def test_mlflow_server_helper_serves_logged_runs_over_rest(mlflow_server):
+    """The session's server (tests/real_chain.py; its teardown checks that it stops)."""
     from mlflow.tracking import MlflowClient
 
     from study.cluster.mlflow_server import MlflowServer, health_ok
 
-    root = tmp_path / "mlflow"
-    with MlflowServer(root) as srv:
-        url = srv.url
-        assert url.startswith("http://127.0.0.1:")
-        assert health_ok(url)
-        pid = srv.pid
-        assert (root / "server.json").exists()
+    url, root = mlflow_server.url, mlflow_server.root
+    assert url.startswith("http://127.0.0.1:") and health_ok(url)
+    assert (root / "server.json").exists() and os.path.exists(f"/proc/{mlflow_server.pid}")
+    with MlflowServer(root) as again:  # a second helper on the same folder reuses the running server
+        assert again.url == url and again.pid == mlflow_server.pid
 
-        client = MlflowClient(tracking_uri=url)
-        exp_id = client.create_experiment("cluster-test")
-        run = client.create_run(exp_id, run_name="r0")
-        rid = run.info.run_id
-        client.log_param(rid, "lr", "0.001")
-        for step, v in enumerate([1.0, 0.5, 0.25]):
-            client.log_metric(rid, "loss", v, step=step)
-        client.log_text(rid, "hello", "notes/hello.txt")
-        client.set_terminated(rid)
+    client = MlflowClient(tracking_uri=url)
+    exp_id = client.create_experiment("cluster-test")
+    run = client.create_run(exp_id, run_name="r0")
+    rid = run.info.run_id
+    client.log_param(rid, "lr", "0.001")
+    for step, v in enumerate([1.0, 0.5, 0.25]):
+        client.log_metric(rid, "loss", v, step=step)
+    client.log_text(rid, "hello", "notes/hello.txt")
+    client.set_terminated(rid)
 
-        exps = _post(f"{url}/api/2.0/mlflow/experiments/search", {"max_results": 100})
-        assert "cluster-test" in {e["name"] for e in exps["experiments"]}
-        runs = _post(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
-        assert [r["info"]["run_id"] for r in runs] == [rid]
-        data = runs[0]["data"]
-        assert {p["key"]: p["value"] for p in data["params"]} == {"lr": "0.001"}
-        assert {m["key"]: m["value"] for m in data["metrics"]} == {"loss": 0.25}
-        assert runs[0]["info"]["status"] == "FINISHED"
-        # artifacts went through the server into DIR/artifacts
-        assert [p.read_text() for p in (root / "artifacts").rglob("hello.txt")] == ["hello"]
-        assert (root / "mlflow.db").exists()
-
-    assert not health_ok(url)
-    assert not (root / "server.json").exists()
-    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    exps = _post(f"{url}/api/2.0/mlflow/experiments/search", {"max_results": 100})
+    assert "cluster-test" in {e["name"] for e in exps["experiments"]}
+    runs = _post(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [rid]
+    data = runs[0]["data"]
+    assert {p["key"]: p["value"] for p in data["params"]} == {"lr": "0.001"}
+    assert {m["key"]: m["value"] for m in data["metrics"]} == {"loss": 0.25}
+    assert runs[0]["info"]["status"] == "FINISHED"
+    # artifacts went through the server into DIR/artifacts
+    assert [p.read_text() for p in (root / "artifacts").rglob("hello.txt")] == ["hello"]
+    assert health_ok(url)  # the helper that reused it left it running

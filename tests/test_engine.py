@@ -6,18 +6,23 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from study import ledger
-from study.launch import Scheduler, StageRun, make_backend
+from study.backends import make_backend
+from study.controller import Scheduler
+from study.worker import StageRun
 from study.ledger import State
+from study.stages import read_stage_result
 from study.sweep import load_plan, main
+from tests.toy_stages import PLUGINS as TOY
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, **spec) -> str:
-    spec = {"name": "t", "stages": ["toy_data", "toy_train", "toy_eval"], "study_dir": str(tmp_path / "study"),
+    spec = {"name": "t", "stages": ["toy_data", "toy_train", "toy_eval"], "plugins": TOY, "study_dir": str(tmp_path / "study"),
             "tracking": {"enabled": False}, "launcher": {"backend": "debug", "poll_s": 0.3}, **spec}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -39,8 +44,8 @@ def test_shared_stages_run_once_and_rerun_submits_nothing(tmp_path, capsys):
     assert len(plan.cells) == 6 and len(st) == 9
     assert all(s["state"] == State.COMPLETED and s["attempt"] == 1 for s in st.values())  # executed exactly once
     assert len(list((plan.root / "stages" / "toy_train").iterdir())) == 2
-    results = {k: ledger.read_result(s.dir(plan.root)) for k, s in plan.stages.items()}
-    assert all(r["steps"] == 20 for k, r in results.items() if k.startswith("toy_train"))
+    results = {k: read_stage_result(s.dir(plan.root)) for k, s in plan.stages.items()}
+    assert all(r.metrics["steps"] == 20 for k, r in results.items() if k.startswith("toy_train"))
     capsys.readouterr()
     assert main([path]) == 0
     assert "0 to submit" in capsys.readouterr().out
@@ -134,7 +139,7 @@ def test_preempted_job_resumes_from_checkpoint_with_the_same_result(tmp_path):
     path = write(tmp_path, base=slow, stages=["toy_data", "toy_train"], launcher={"backend": "local", "poll_s": 0.3})
     plan = load_plan(path)
     backend = make_backend(plan.spec.launcher, plan.root)
-    sched = Scheduler(plan.stages, {k: StageRun(s) for k, s in plan.stages.items()}, backend, [], None, 0)
+    sched = Scheduler(plan.stages, {k: StageRun(s) for k, s in plan.stages.items()}, backend, TOY, None, 0)
     sched.start(sched.prepare(False, False))
     ckpt = plan.stages[train_key].dir(plan.root) / "checkpoints" / "last.pt"
     deadline = time.time() + 240
@@ -153,3 +158,18 @@ def test_preempted_job_resumes_from_checkpoint_with_the_same_result(tmp_path):
     assert status["state"] == State.COMPLETED and status["attempt"] == 2  # ran twice: before and after requeue
     assert "preempted" in status
     assert ledger.read_result(plan.stages[train_key].dir(plan.root)) == reference
+
+
+def test_a_stage_result_is_typed_and_an_old_layout_reruns_the_stage(tmp_path):
+    from study.stages import StageResult
+
+    result = StageResult(metrics={"mse": 1, "acc": 0.5}, outputs={"codes": "codes.pt"}, tags={"n": 3},
+                         artifacts={"grids": ["a.png"]})
+    assert result.metrics == {"mse": 1.0, "acc": 0.5} and result.tags == {"n": "3"}
+    ledger.write_result(tmp_path, result.to_json())
+    assert read_stage_result(tmp_path) == result
+    for bad in ({"flag": True}, {"name": "dino"}):
+        with pytest.raises(TypeError, match="must be a number"):
+            StageResult(metrics=bad)
+    ledger.write_result(tmp_path, {"mse": 1.0, "tags": {}})  # the reserved-keys dict of old results
+    assert read_stage_result(tmp_path) is None

@@ -8,6 +8,7 @@ import yaml
 from study import ledger
 from study.ledger import State
 from study.sweep import load_plan, main
+from tests.toy_stages import PLUGINS as TOY
 
 pytestmark = pytest.mark.slurm
 
@@ -18,7 +19,7 @@ FAST = {"steps": 20, "log_every": 5, "ckpt_every": 5, "ema_decay": 0.0, "precisi
 def write(tmp_path, partition, **spec) -> str:
     # timeout_min > 10: below that submitit counts every preemption as a timeout
     stages = spec.pop("stages", ["toy_data", "toy_train"])
-    spec = {"name": "slurm", "stages": stages, "study_dir": str(tmp_path / "study"),
+    spec = {"name": "slurm", "stages": stages, "plugins": TOY, "study_dir": str(tmp_path / "study"),
             "tracking": {"enabled": False}, "base": {"toy": {"train": FAST}},
             "resources": {k: {"cpus": 1, "mem_gb": 1, "timeout_min": 20, "partition": partition} for k in stages},
             "launcher": {"backend": "slurm", "poll_s": 1, "submitit": {"slurm_signal_delay_s": 10}}, **spec}

@@ -11,7 +11,7 @@ from generators.flow import (FlowConfig, default_shift, flow_loss, guided_veloci
                              shift_time, time_grid, velocity_target)
 from generators.gpt import GPT, GPTConfig
 from generators.sampling import cfg_scale_at, generate, sample_token, top_k_filter, top_p_filter
-from generators.train import (DataConfig, GeneratorRunConfig, GeneratorTask, SampleConfig, load_generator, main,
+from generators.train import (CodesConfig, GeneratorRunConfig, GeneratorTask, SampleConfig, load_generator, main,
                               train)
 from study.config import ConfigError, load
 from study.training import Callback, OptimConfig, TrainConfig
@@ -240,7 +240,7 @@ def test_dit_shapes_presets_and_zero_init():
 # --------------------------------------------------------------------------- training
 def gpt_run(tmp_path, steps, **kw) -> GeneratorRunConfig:
     gpt = GPTConfig(**{"vocab_size": 64, "grid": (4, 4), "num_classes": 10, "dim": 64, "depth": 2, "heads": 2, **kw})
-    return GeneratorRunConfig(kind="gpt", gpt=gpt, data=DataConfig(num_samples=10), optim=OptimConfig(lr=3e-3),
+    return GeneratorRunConfig(kind="gpt", gpt=gpt, data=CodesConfig(num_samples=10), optim=OptimConfig(lr=3e-3),
                               train=train_cfg(tmp_path, steps=steps, batch_size=10, ema_decay=0.0),
                               sample=SampleConfig(num_samples=10, temperature=0))
 
@@ -248,7 +248,7 @@ def gpt_run(tmp_path, steps, **kw) -> GeneratorRunConfig:
 def dit_run(tmp_path, steps, **kw) -> GeneratorRunConfig:
     dit = DiTConfig(**{"in_channels": 4, "grid": (4, 4), "num_classes": 4, "dim": 32, "depth": 2, "heads": 2,
                        "ddt_width": 64, "ddt_depth": 1, "ddt_heads": 2, **kw})
-    return GeneratorRunConfig(kind="dit", dit=dit, data=DataConfig(num_samples=4), optim=OptimConfig(lr=3e-3),
+    return GeneratorRunConfig(kind="dit", dit=dit, data=CodesConfig(num_samples=4), optim=OptimConfig(lr=3e-3),
                               train=train_cfg(tmp_path, steps=steps, batch_size=16, ema_decay=0.0, log_every=10),
                               sample=SampleConfig(num_samples=8, steps=25, guide_fraction=0.0))
 
@@ -314,7 +314,7 @@ def test_codes_file_with_flips_and_shape_checks(tmp_path):
     path = tmp_path / "codes.pt"
     torch.save({"tokens": tokens, "tokens_flip": flips, "labels": torch.arange(6) % 3, "grid": (4, 4)}, path)
     cfg = gpt_run(tmp_path, 1)
-    cfg.data = DataConfig(source="cache", path=str(path))
+    cfg.data = CodesConfig(source="cache", path=str(path))
     task = GeneratorTask(cfg)
     x = torch.cat([task.batch_at(s)[0] for s in range(4)])  # 40 rows
     is_plain = (x[:, None] == tokens[None]).all(-1).any(-1)
@@ -332,7 +332,8 @@ def test_cli_and_shipped_configs(tmp_path):
     assert len(configs) >= 4
     for path in configs:
         cfg = load(GeneratorRunConfig, path)
-        assert cfg.model is not None
+        declared = cfg.gpt if cfg.kind == "gpt" else cfg.dit  # the file sets its model, not the defaults
+        assert isinstance(declared, GPTConfig if cfg.kind == "gpt" else DiTConfig), path.name
     out = tmp_path / "cli"
     main([str(Path(__file__).parents[1] / "generators" / "configs" / "tiny_gpt.yaml"),
           "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", f"train.out_dir={out}",

@@ -141,7 +141,7 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def shapes_and_classifier(tmp_path_factory):
     from study.data import DataConfig, build_dataset
-    from study.metrics.reference import RefClassifierConfig, train_reference_classifier
+    from study.pipeline.reference import RefClassifierConfig, train_reference_classifier
 
     root = tmp_path_factory.mktemp("ref")
     data = DataConfig(train_size=1000, val_size=200, cache_dir=str(root / "data"))
@@ -164,7 +164,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def test_fd_ref_ranks_blur_and_noise_monotonically(shapes_and_classifier):
     from study.metrics import RefSpace, class_consistency, distribution_metrics, fd_in_space
-    from study.metrics.reference import classifier_dir, train_reference_classifier
+    from study.pipeline.reference import classifier_dir, train_reference_classifier
 
     train, val, cfg, clf = shapes_and_classifier
     assert (classifier_dir(cfg, train) / "classifier.pt").is_file()
@@ -310,8 +310,9 @@ def test_image_layout_conversions_round_trip():
 
 def test_vfm_space_names_and_features():
     from study.metrics import VFMSpace, distribution_metrics
+    from tokenizer.vfm import build_vfm
 
-    space = VFMSpace("random:vit_tiny_p4", batch_size=8)
+    space = VFMSpace(build_vfm("random:vit_tiny_p4"), batch_size=8)
     assert space.name.startswith("vfm:")
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)

@@ -13,8 +13,14 @@ from study.training import Callback
 from study.data import generate_shapes
 from study.training import OptimConfig, build_optimizer, seed_everything
 from timm.models.vision_transformer import VisionTransformer
-from tokenizer.objectives import (OBJECTIVES, ContrastiveConfig, DinoConfig, IbotConfig, ImageTextConfig,
-                                  LatentMimConfig, MaeConfig, SupervisedConfig, build_objective)
+from tokenizer.objectives import OBJECTIVES, REGISTRY, build_objective
+from tokenizer.objectives.contrastive import ContrastiveConfig
+from tokenizer.objectives.dino import DinoConfig
+from tokenizer.objectives.ibot import IbotConfig
+from tokenizer.objectives.image_text import ImageTextConfig
+from tokenizer.objectives.latent_mim import LatentMimConfig
+from tokenizer.objectives.mae import MaeConfig
+from tokenizer.objectives.supervised import SupervisedConfig
 from tokenizer.objectives.common import ColorAugConfig, block_mask, color_augment, random_mask, vit_tokens
 from tokenizer.objectives.dino import entropy, teacher_probs, update_center
 from tokenizer.objectives.image_text import CaptionVocab, colour_words
@@ -290,3 +296,45 @@ def test_probe_metrics_agree_between_the_file_and_the_module(tmp_path):
     for key in ("knn_acc", "linear_acc", "cls/linear_acc"):
         assert from_file[key] == pytest.approx(from_module[key], abs=1 / 128)
     assert 0.0 <= from_file["linear_acc"] <= 1.0 and 1.0 <= from_file["effective_rank"] <= 64
+
+
+def test_an_objective_is_one_registered_class_that_declares_its_family_export_and_config():
+    import dataclasses
+
+    from torch import nn
+
+    from tokenizer.objectives.base import Objective
+
+    assert set(OBJECTIVES) == {"supervised", "dino", "ibot", "mae", "latent_mim", "contrastive", "image_text", "random"}
+    sections = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for name, cls in REGISTRY.items():
+        assert cls.name == name and cls.family and cls.exports in ("online", "teacher", "init")
+        assert (name in sections) == (cls.config is not None)  # its config section, from the class alone
+    assert PretrainConfig(objective="ibot").family == "self-distillation+latent-mim"
+
+    # a new objective: one class, nothing else edited
+    @dataclasses.dataclass
+    class ToyConfig:
+        scale: float = 1.0
+
+    class Toy(Objective):
+        name, family, exports, config = "toy_objective", "toy-family", "online", ToyConfig
+
+        def __init__(self, backbone, cfg, image_size, patch_size):
+            super().__init__(backbone)
+            self.cfg = cfg
+
+        def forward(self, images, labels, progress):
+            return self.backbone.forward_features(images).mean() * self.cfg.scale, {}
+
+    try:
+        built = build_objective("toy_objective", nano_vit(), types.SimpleNamespace(toy_objective=ToyConfig(2.0)),
+                                image_size=16, patch_size=4, class_names=CLASSES)
+        assert isinstance(built, Toy) and built.cfg.scale == 2.0 and isinstance(built.backbone, nn.Module)
+        with pytest.raises(TypeError, match="declared twice"):
+            type("Again", (Objective,), {"name": "toy_objective"})
+    finally:
+        REGISTRY.pop("toy_objective", None)
+    with pytest.raises(ValueError, match="did you mean 'dino'"):
+        build_objective("dinno", nano_vit(), objective_cfgs(), image_size=16, patch_size=4, class_names=CLASSES)
+

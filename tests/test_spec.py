@@ -8,6 +8,7 @@ import yaml
 
 from study.config import ConfigError
 from study.sweep import load_plan, main
+from tests.toy_stages import PLUGINS as TOY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def write(tmp_path, spec: dict, name="s.yaml") -> Path:
     spec.setdefault("name", "t")
     spec.setdefault("stages", ["toy_data", "toy_train", "toy_eval"])
+    spec.setdefault("plugins", TOY)
     spec.setdefault("study_dir", str(tmp_path / "study"))
     path = tmp_path / name
     path.write_text(yaml.safe_dump(spec))

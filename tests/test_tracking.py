@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from study import tracking
 from study.sweep import main
+from tests.toy_stages import PLUGINS as TOY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_sweep_logs_parent_children_curves_params_tags(tmp_path, template_db):
     study = tmp_path / "study"
     study.mkdir()
     shutil.copy(template_db, study / "mlflow.db")
-    spec = {"name": "tracked", "stages": ["toy_data", "toy_train"], "study_dir": str(study),
+    spec = {"name": "tracked", "stages": ["toy_data", "toy_train"], "plugins": TOY, "study_dir": str(study),
             "axes": {"grid": {"toy.lr": [0.01, 0.03]}}, "launcher": {"backend": "debug", "poll_s": 0.2},
             "base": {"toy": {"train": {"steps": 20, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0,
                                        "precision": "fp32", "progress": False, "device": "cpu"}}}}

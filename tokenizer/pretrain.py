@@ -38,13 +38,11 @@ from torch import nn
 from study.config import ConfigError, config_hash, dump_yaml, nonsemantic, parse_cli, to_dict
 from study.data import DataConfig, build_dataset, iterate_eval, make_loader
 from study.training import Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything
-from tokenizer.objectives import (EXPORTS, FAMILIES, ContrastiveConfig, DinoConfig, IbotConfig,
-                                  ImageTextConfig, LatentMimConfig, MaeConfig, Objective,
-                                  SupervisedConfig, build_objective)
+from tokenizer.objectives import OBJECTIVES, REGISTRY, Objective, build_objective, get_objective
 from tokenizer.objectives.common import ema_update_
 from tokenizer.vfm.inhouse import INHOUSE_ARCHS, build_inhouse_arch, save_inhouse
 
-Objectives = Literal["supervised", "dino", "ibot", "mae", "latent_mim", "contrastive", "image_text", "random"]
+Objectives = Literal[OBJECTIVES]
 
 # Changes shared by every objective (each objective adds its own `deviations`).
 STUDY_DEVIATIONS = (
@@ -69,7 +67,7 @@ def _default_optim() -> OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class ProbeConfig:
     """Probe protocol: features of the first `train_samples` training images fit the probes,
     the first `val_samples` validation images score them."""
     train_samples: int = 2000
@@ -81,20 +79,14 @@ class EvalConfig:
 
 
 @dataclass
-class PretrainConfig:
+class _PretrainBase:
+    """The fields every run has; `PretrainConfig` adds one section per registered objective."""
     objective: Objectives = "dino"
     arch: str = "vit_micro_p4"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=_default_train)
     optim: OptimConfig = field(default_factory=_default_optim)
-    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    ibot: IbotConfig = field(default_factory=IbotConfig)
-    mae: MaeConfig = field(default_factory=MaeConfig)
-    latent_mim: LatentMimConfig = field(default_factory=LatentMimConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    image_text: ImageTextConfig = field(default_factory=ImageTextConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ProbeConfig = field(default_factory=ProbeConfig)
     evaluate: bool = True  # probe the exported backbone at the end
 
     def __post_init__(self) -> None:
@@ -112,11 +104,18 @@ class PretrainConfig:
 
     @property
     def family(self) -> str:
-        return FAMILIES[self.objective]
+        return get_objective(self.objective).family
 
     @property
     def patch_size(self) -> int:
         return INHOUSE_ARCHS[self.arch]["patch_size"]
+
+
+# one `pretrain.<objective>` section per registered objective that has a config
+PretrainConfig = dataclasses.make_dataclass(
+    "PretrainConfig", [(name, cls.config, field(default_factory=cls.config))
+                       for name, cls in REGISTRY.items() if cls.config is not None], bases=(_PretrainBase,))
+PretrainConfig.__module__ = __name__  # picklable (stage configs travel to jobs)
 
 
 def run_dir(cfg: PretrainConfig) -> Path:
@@ -237,7 +236,7 @@ def load_backbone_for_eval(path: str | Path):
     return build_vfm(VFMSpec(name=f"inhouse:{Path(path).stem}", weights=str(path)))
 
 
-def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: EvalConfig | None = None) -> dict[str, float]:
+def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: ProbeConfig | None = None) -> dict[str, float]:
     """kNN and linear-probe accuracy (train-split features fit, val-split features score) and
     feature statistics (effective rank, uniformity) of val features. `source`: a checkpoint
     path, a FrozenVFM or a timm VisionTransformer fed [-1, 1] images. Primary features: the
@@ -245,7 +244,7 @@ def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: EvalConfig | None 
     Keys: study.metrics.probes.feature_report's (linear_acc, linear_C, linear_cv_acc, knn_acc,
     effective_rank, uniformity)."""
     from study.metrics import probes
-    eval_cfg = eval_cfg or EvalConfig()
+    eval_cfg = eval_cfg or ProbeConfig()
     if isinstance(source, (str, Path)):
         source = load_backbone_for_eval(source)
     train = extract_features(source, build_dataset(data_cfg, "train"), eval_cfg.train_samples, eval_cfg.batch_size)
@@ -261,7 +260,7 @@ def evaluate_backbone(source, data_cfg: DataConfig, eval_cfg: EvalConfig | None 
 def provenance(cfg: PretrainConfig, objective_cls: type | None, dataset, wall: float, final_loss: float) -> dict:
     deviations = list(STUDY_DEVIATIONS) + list(getattr(objective_cls, "deviations", ()))
     return {
-        "objective": cfg.objective, "family": cfg.family, "arch": cfg.arch, "exported": EXPORTS[cfg.objective],
+        "objective": cfg.objective, "family": cfg.family, "arch": cfg.arch, "exported": get_objective(cfg.objective).exports,
         "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
         "data_identity": dataset.identity, "data": to_dict(cfg.data, semantic_only=True),
         "config": to_dict(cfg, semantic_only=True), "config_hash": config_hash(cfg),

@@ -69,8 +69,6 @@ class TokenizerRunConfig:
         if self.model.image_size != self.data.resolution:
             raise ConfigError(f"model.image_size {self.model.image_size} != data.resolution {self.data.resolution} "
                               "(set both to the same value)", key="model.image_size")
-        if self.model.kind == "vfmae" and not self.model.semantic and self.loss.semantic_weight > 0:
-            pass  # semantic: false wins; the weight is ignored (no branch exists)
         self.deviations = run_deviations(self)
 
     @property

@@ -38,6 +38,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from study.backends import pid_alive
+
 __all__ = ["MlflowServer", "free_port", "health_ok"]
 
 HOST = "127.0.0.1"
@@ -57,23 +59,6 @@ def health_ok(url: str, timeout: float = 2.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split()[1]
-    except OSError:
-        pass
-    return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -138,7 +123,7 @@ class MlflowServer:
     def running(self) -> str | None:
         """URL of the healthy server recorded in ``root``, else None."""
         st = self._read_state()
-        if not st or not _pid_alive(int(st.get("pid", -1))):
+        if not st or not pid_alive(int(st.get("pid", -1))):
             return None
         return st["url"] if health_ok(st["url"]) else None
 
@@ -204,7 +189,7 @@ class MlflowServer:
             pid = int(st["pid"]) if st and "pid" in st else None
         if pid is None:
             return False
-        was_running = _pid_alive(pid) or _group_alive(pid)
+        was_running = pid_alive(pid) or _group_alive(pid)
         if was_running:
             # start_new_session=True made pid the leader of its own process group
             try:
@@ -215,7 +200,7 @@ class MlflowServer:
             while time.monotonic() < deadline and _group_alive(pid):
                 if self._proc is not None:
                     self._proc.poll()  # reap our child so that it does not linger as a zombie
-                if not _pid_alive(pid) and not self._group_has_live_members(pid):
+                if not pid_alive(pid) and not self._group_has_live_members(pid):
                     break
                 time.sleep(0.1)
             if self._group_has_live_members(pid):

@@ -13,12 +13,11 @@ preprocessing) and `features(images) -> (N, D) float64 numpy`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from study.metrics.common import as_features, content_hash, default_cache_dir, pick_device, to_float_nchw
+from study.metrics.common import as_features, pick_device, to_float_nchw
 from study.metrics.fid import fid_from_features, precision_recall
 
 
@@ -45,13 +44,12 @@ class RefSpace(FeatureSpace):
 
 class VFMSpace(FeatureSpace):
     """Mean-pooled final patch tokens (after the final norm) of a frozen registry backbone
-    (`fd_vfm:NAME`). `vfm` is a `tokenizer.vfm` spec / name, or an already built FrozenVFM."""
+    (`fd_vfm:NAME`). `vfm` is a built backbone (`tokenizer.vfm.build_vfm`): anything with
+    `final_tokens(images, with_cls=False)`, so that this package never imports the models."""
 
     def __init__(self, vfm, batch_size: int = 64, device: str = "auto", label: str | None = None):
-        if isinstance(vfm, (str,)) or not hasattr(vfm, "final_tokens"):
-            from tokenizer.vfm import build_vfm
-
-            vfm = build_vfm(vfm)
+        if not hasattr(vfm, "final_tokens"):
+            raise TypeError(f"VFMSpace needs a built backbone (tokenizer.vfm.build_vfm(...)), got {vfm!r}")
         self.device = pick_device(device)
         self.vfm = vfm.to(self.device)
         self.batch_size = batch_size
@@ -86,24 +84,6 @@ class InceptionSpace(FeatureSpace):
 def metric_key(metric: str, space: FeatureSpace) -> str:
     """`fd` + space `ref` -> `fd_ref`; `fd` + `vfm:dinov2_s` -> `fd_vfm:dinov2_s`."""
     return f"{metric}_{space.name}"
-
-
-def cached_features(space: FeatureSpace, images, *, data_id: str | None = None,
-                    cache_dir: str | Path | None = None) -> np.ndarray:
-    """Features of a fixed (reference) image set, cached by (data content or id, space identity)."""
-    content = data_id if data_id is not None else (images.detach().cpu().numpy() if torch.is_tensor(images)
-                                                   else np.asarray(images))
-    key = content_hash(content, space.identity)
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "features"
-    path = root / f"{space.name.replace(':', '_')}-{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    feats = space.features(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
-    return feats
 
 
 def fd_in_space(space: FeatureSpace, images_a, images_b) -> float:

@@ -4,11 +4,16 @@ An objective is one nn.Module that owns the backbone being pretrained (a timm
 VisionTransformer, `self.backbone`), its heads and, where the recipe has one, its EMA
 teacher (a frozen submodule, so the teacher rides in the module's state_dict: the Trainer
 checkpoints it and resumes it exactly, and the optimiser never sees it).
+
+A subclass with a `name` registers itself: its `family`, `exports` and `config` (the dataclass
+of its `pretrain.<name>` section) are declared on the class and nowhere else, so adding an
+objective is one new module in this package.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -16,15 +21,32 @@ from torch import nn
 from tokenizer.objectives.common import ema_update_
 
 
+REGISTRY: dict[str, type["Objective"]] = {}
+
+
 class Objective(nn.Module):
-    name: str = ""
-    family: str = ""
-    exports: str = "online"  # which encoder becomes the VFM: "online" or "teacher"
-    deviations: tuple[str, ...] = ()  # scaled-down or changed parts of the published recipe
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # the registry family of the backbones it makes
+    exports: ClassVar[str] = "online"  # which encoder becomes the VFM: "online", "teacher" or "init"
+    config: ClassVar[Optional[type]] = None  # dataclass of its `pretrain.<name>` section
+    deviations: ClassVar[tuple[str, ...]] = ()  # scaled-down or changed parts of the published recipe
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY:
+                raise TypeError(f"objective '{cls.name}' is declared twice ({REGISTRY[cls.name]} and {cls})")
+            REGISTRY[cls.name] = cls
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+
+    @classmethod
+    def build(cls, backbone: nn.Module, cfg: Any, *, image_size: int, patch_size: int,
+              class_names: list[str]) -> "Objective":
+        """The objective on `backbone`; `cfg` is the pretrain config (its section `cfg.<name>`)."""
+        return cls(backbone, getattr(cfg, cls.name), image_size, patch_size)
 
     @abstractmethod
     def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float

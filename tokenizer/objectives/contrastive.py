@@ -1,7 +1,7 @@
 """MoCo v3: symmetrised InfoNCE between a query (backbone + projector + predictor) and the
 key of a momentum encoder on the other view; in-batch negatives, no queue (Chen et al. 2021).
 
-Published recipe (facebookresearch/moco-v3; models-and-metrics.md §C): τ 0.2, loss × 2τ,
+Published recipe (facebookresearch/moco-v3): τ 0.2, loss × 2τ,
 momentum 0.99 -> 1 (cosine), projector 3 layers (4096 hidden, 256 out, BN), predictor 2
 layers, frozen random patch projection (`--stop-grad-conv1`), BYOL augmentations.
 Deviations: hidden 4096 / out 256 -> `hidden` 256 / `out_dim` 64; crops (0.08, 1) ->
@@ -43,6 +43,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
 
 class MoCoV3(Objective):
     name, family, exports = "contrastive", "contrastive", "online"
+    config = ContrastiveConfig
     deviations = (
         "MoCo v3 projector/predictor hidden 4096, out 256 -> contrastive.hidden / out_dim",
         "crop scale (0.08,1) -> contrastive.crop_scale; no blur/solarize (colour: contrastive.color)",

@@ -1,6 +1,6 @@
 """DINO: multi-crop global self-distillation with an EMA teacher (Caron et al. 2021).
 
-Published recipe (facebookresearch/dino main_dino.py; models-and-metrics.md §C) and what
+Published recipe (facebookresearch/dino main_dino.py) and what
 this scaled-down version changes (every change is a named deviation, also written to the
 checkpoint provenance by tokenizer.pretrain):
   * head out-dim 65536, hidden 2048, bottleneck 256  -> `out_dim` 1024, `hidden` 256, `bottleneck` 64
@@ -77,6 +77,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- objective
 class DINO(Objective):
     name, family, exports = "dino", "self-distillation", "teacher"
+    config = DinoConfig
     deviations = (
         "DINO head out_dim 65536/hidden 2048/bottleneck 256 -> dino.out_dim/hidden/bottleneck",
         "multi-crop 2 global (0.4,1)@224 + 8 local (0.05,0.4)@96 -> 2 global @image size + dino.n_local local @local_size_ratio",

@@ -1,7 +1,7 @@
 """iBOT: DINO's [CLS] self-distillation plus masked-patch self-distillation, the teacher
 acting as an online tokenizer (Zhou et al. 2022).
 
-Published recipe (bytedance/ibot main_ibot.py; models-and-metrics.md §C): the student's
+Published recipe (bytedance/ibot main_ibot.py): the student's
 global crops are block-masked (a learnable mask token replaces masked patch embeddings)
 and its patch tokens at masked positions predict the teacher's patch distributions on the
 unmasked crops; prediction ratio U[0.1, 0.5] on half of the images; patch teacher
@@ -35,12 +35,17 @@ class IbotConfig:
 
 class IBOT(DINO):
     name, family, exports = "ibot", "self-distillation+latent-mim", "teacher"
+    config = IbotConfig
     deviations = DINO.deviations + (
         "iBOT out-dim 8192 -> dino.out_dim (shared head, as in the S/16 recipe)",
         "10 local crops (0.05,0.25) -> the dino block's local crops, so dino and ibot differ only by the patch term",
         "block masks topped up with random patches so the prediction ratio is exact",
         "patch centre updated from the teacher's outputs at masked positions (a subsample) rather than all patches",
     )
+
+    @classmethod
+    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
+        return cls(backbone, cfg.dino, cfg.ibot, image_size, patch_size)  # iBOT extends the dino block
 
     def __init__(self, backbone, dino: DinoConfig, cfg: IbotConfig, image_size: int, patch_size: int):
         super().__init__(backbone, dino, image_size, patch_size)

@@ -12,7 +12,7 @@ positive when caption i's attributes are a subset of image j's (class words ∪ 
 which SigLIP's binary loss takes directly (published SigLIP: the diagonal only — a named
 deviation, `multi_positive`; false restores the diagonal).
 
-Published recipe (open_clip SigLIP configs; models-and-metrics.md §C): learnable
+Published recipe (open_clip SigLIP configs): learnable
 temperature t init ln 10 and bias -10, loss -Σ log σ(z_ij (t x_i·y_j + b)) / B, ViT with a
 MAP head, text transformer. Exported VFM: the image tower.
 """
@@ -160,6 +160,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, positive: torch.Tensor,
 
 class ImageText(Objective):
     name, family, exports = "image_text", "image-text-contrastive", "online"
+    config = ImageTextConfig
     deviations = (
         "SigLIP MAP head -> mean of patch tokens + linear projection",
         "text transformer -> image_text.text_depth x text_dim over a word vocabulary built from class names + colours",
@@ -167,6 +168,10 @@ class ImageText(Objective):
         "multi-positive sigmoid targets (caption attributes subset of image attributes) instead of the diagonal",
         "batch 32k -> the study batch",
     )
+
+    @classmethod
+    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
+        return cls(backbone, cfg.image_text, image_size, class_names)
 
     def __init__(self, backbone, cfg: ImageTextConfig, image_size: int, class_names: list[str]):
         super().__init__(backbone)

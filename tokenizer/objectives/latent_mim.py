@@ -3,7 +3,7 @@ block-masked view and regresses, at masked positions, the EMA teacher's contextu
 patch features on the full view (the average of its top-K blocks' outputs, each instance-
 normalised over the tokens, the average layer-normalised).
 
-Published recipe (fairseq data2vec vision v1 base; models-and-metrics.md §C): EMA 0.999
+Published recipe (fairseq data2vec vision v1 base): EMA 0.999
 -> 0.9998, top-K = 6 of 12 blocks, BEiT block masking ≈ 60 %, smooth-L1 with β 2,
 linear regression head, random resized crop + flip + colour jitter, one view shared by
 student and teacher.
@@ -47,6 +47,7 @@ def layer_targets(layers: list[torch.Tensor], k: int, prefix: int) -> torch.Tens
 
 class LatentMIM(Objective):
     name, family, exports = "latent_mim", "latent-mim", "teacher"
+    config = LatentMimConfig
     deviations = (
         "data2vec v1 EMA 0.999->0.9998 -> latent_mim.momentum",
         "top-K 6 of 12 blocks -> round(depth * latent_mim.top_k_frac)",

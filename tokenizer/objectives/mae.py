@@ -1,6 +1,6 @@
 """MAE: pixel masked image modelling (He et al. 2022).
 
-Published recipe (facebookresearch/mae; models-and-metrics.md §C): the encoder sees only
+Published recipe (facebookresearch/mae): the encoder sees only
 the 25 % visible patches (75 % random masking), a light decoder (8 blocks × 512, fixed 2-D
 sin-cos positions) reconstructs every patch, and the loss is the MSE on per-patch
 normalised pixels (`norm_pix_loss`) over masked patches only; random resized crop
@@ -17,6 +17,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from generators.layers import sincos_2d
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import num_prefix, random_mask, random_resized_crop, vit_blocks, vit_embed
 
@@ -31,20 +32,6 @@ class MaeConfig:
     norm_pix_loss: bool = True
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position table (grid * grid, dim), MAE's decoder positions."""
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angle = coord[:, None] * omega[None]
-        parts += [angle.sin(), angle.cos()]
-    table = torch.cat(parts, dim=1).float()
-    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
-
-
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, N, p * p * 3), row-major patches as the patch embedding sees them."""
     b, c, h, w = images.shape
@@ -54,6 +41,7 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
 
 class MAE(Objective):
     name, family, exports = "mae", "pixel-mim", "online"
+    config = MaeConfig
     deviations = (
         "decoder 8 blocks x 512 -> mae.decoder_depth x mae.decoder_dim",
         "exported backbone: the encoder (all patches visible at inference)",
@@ -68,7 +56,7 @@ class MAE(Objective):
         self.decoder_embed = nn.Linear(backbone.embed_dim, d)
         self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.decoder_mask_token, std=0.02)
-        self.register_buffer("decoder_pos", sincos_2d(d, grid)[None], persistent=False)
+        self.register_buffer("decoder_pos", sincos_2d(d, grid, grid)[None], persistent=False)
         self.decoder_blocks = nn.Sequential(*[Block(d, cfg.decoder_heads, mlp_ratio=4.0) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(d)
         self.decoder_pred = nn.Linear(d, patch_size * patch_size * 3)

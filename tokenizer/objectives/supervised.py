@@ -27,10 +27,15 @@ class SupervisedConfig:
 
 class Supervised(Objective):
     name, family, exports = "supervised", "supervised", "online"
+    config = SupervisedConfig
     deviations = (
         "DeiT: no mixup/cutmix/RandAugment/repeated aug/stochastic depth; crop + flip only",
         "linear head on supervised.pool tokens (default: mean of patch tokens) rather than CLS",
     )
+
+    @classmethod
+    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
+        return cls(backbone, cfg.supervised, image_size, len(class_names))
 
     def __init__(self, backbone, cfg: SupervisedConfig, image_size: int, num_classes: int):
         super().__init__(backbone)

@@ -1,4 +1,4 @@
-"""A tiny, real, trainable stage chain for the engine's tests and examples:
+"""A tiny, real, trainable stage chain for the engine's tests (sweeps load it with `plugins: [tests.toy_stages]`):
 
     toy_data  -> a regression dataset (y = x·w + noise) written to data.pt
     toy_train -> an MLP trained on it with study.training.Trainer (real checkpoints, resume, callbacks)
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from study.config import ConfigError, nonsemantic
-from study.stages import StageContext, register_stage
+from study.stages import StageContext, StageResult, register_stage
 from study.training import OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask
 
 
@@ -79,12 +79,12 @@ def _draw(n: int, w: torch.Tensor, noise: float, seed: int) -> tuple[torch.Tenso
 
 
 @register_stage("toy_data", DataStage)
-def run_data(ctx: StageContext) -> dict:
+def run_data(ctx: StageContext) -> StageResult:
     d = ctx.config.data
     w = torch.randn(d.dim, 1, generator=torch.Generator().manual_seed(d.seed))
     x, y = _draw(d.n, w, d.noise, d.seed + 1)
     torch.save({"w": w, "x": x, "y": y, "noise": d.noise}, ctx.dir / "data.pt")
-    return {"n": d.n, "y_var": float(y.var())}
+    return StageResult(metrics={"n": d.n, "y_var": float(y.var())})
 
 
 class _Regression(TrainTask):
@@ -122,7 +122,7 @@ class _Regression(TrainTask):
 
 
 @register_stage("toy_train", TrainStage, needs=("toy_data",), validate=_check_train)
-def run_train(ctx: StageContext) -> dict:
+def run_train(ctx: StageContext) -> StageResult:
     torch.set_num_threads(1)  # many toy jobs share a couple of cores
     data = torch.load(ctx.inputs["toy_data"].dir / "data.pt")
     tcfg = dataclasses.replace(ctx.config.toy.train, seed=ctx.config.seed, out_dir=str(ctx.dir))
@@ -130,11 +130,11 @@ def run_train(ctx: StageContext) -> dict:
     model = trainer.fit()
     torch.save(model.state_dict(), ctx.dir / "model.pt")
     final = trainer.final_metrics
-    return {"train_loss": final["loss/model"], "val_mse": final["val_mse"], "steps": trainer.step}
+    return StageResult(metrics={"train_loss": final["loss/model"], "val_mse": final["val_mse"], "steps": trainer.step})
 
 
 @register_stage("toy_eval", EvalStage, needs=("toy_data", "toy_train"))
-def run_eval(ctx: StageContext) -> dict:
+def run_eval(ctx: StageContext) -> StageResult:
     data = torch.load(ctx.inputs["toy_data"].dir / "data.pt")
     state = torch.load(ctx.inputs["toy_train"].dir / "model.pt")
     hidden, dim = state["0.weight"].shape
@@ -143,4 +143,7 @@ def run_eval(ctx: StageContext) -> dict:
     x, y = _draw(ctx.config.eval.n, data["w"], data["noise"], ctx.config.eval.seed)
     with torch.no_grad():
         err = model(x) - y
-    return {"mse": float((err ** 2).mean()), "mae": float(err.abs().mean())}
+    return StageResult(metrics={"mse": float((err ** 2).mean()), "mae": float(err.abs().mean())})
+
+
+PLUGINS = [__name__]  # a sweep spec's `plugins:` entry that registers these kinds

@@ -1,0 +1,210 @@
+"""Where jobs run: submit callables with resources, and tell whether a job id is alive.
+
+    debug  - in the controller process, one stage after another (breakpoints work)
+    local  - submitit LocalExecutor behind our own slot pool: submitit's local executor starts
+             every job at once and gives all of them the same GPUs (submitit #1685), so jobs
+             start only when their resources are free, one job per GPU via CUDA_VISIBLE_DEVICES
+    slurm  - submitit job arrays under executor.batch(), chunked to the site's MaxArraySize
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import submitit
+
+from study import ledger
+from study.spec import LauncherSpec, Resources
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    stdout: Optional[str] = None
+    handle: Any = None  # a submitit Job when this process submitted it
+
+
+class Backend:
+    """Submits callables with resources; tells whether a job id is still alive."""
+
+    name = "base"
+    streams = False  # True: submit() starts jobs only when free(); the controller paces them
+
+    def __init__(self, spec: LauncherSpec, root: Path):
+        self.spec, self.root = spec, Path(root)
+        self.folder = self.root / "submitit" / "%j"
+
+    def free(self, res: Resources) -> bool:
+        return True
+
+    def submit(self, fn: Callable, args: list[tuple], res: Resources, name: str,
+               after: list[str] = ()) -> list[Submitted]:
+        raise NotImplementedError
+
+    def alive(self, job_id: str, status: dict) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Forget jobs that finished (frees local slots)."""
+
+    def _params(self, res: Resources, name: str) -> dict:
+        params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus, gpus_per_node=res.gpus,
+                      mem_gb=res.mem_gb, name=name)
+        params.update(self.spec.submitit)
+        return params
+
+
+class DebugBackend(Backend):
+    """Runs each job in this process at submit time; nothing outlives the controller."""
+    name = "debug"
+
+    def submit(self, fn, args, res, name, after=()):
+        out = []
+        for a in args:
+            try:
+                fn(*a)
+            except Exception:  # recorded in the ledger by run_stage; the sweep goes on
+                pass
+            out.append(Submitted("debug"))
+        return out
+
+    def alive(self, job_id, status):
+        return False
+
+
+class LocalBackend(Backend):
+    """A slot pool over submitit's LocalExecutor: a GPU is given to one job at a time."""
+    name = "local"
+    streams = True
+
+    def __init__(self, spec: LauncherSpec, root: Path):
+        super().__init__(spec, root)
+        self.gpus = list(spec.gpus) if spec.gpus is not None else list(range(_visible_gpu_count()))
+        self.cpus = os.cpu_count() or 1
+        self.max_parallel = spec.max_parallel or max(1, len(self.gpus) or self.cpus)
+        self.running: dict[str, tuple[Any, list[int], int]] = {}  # job id -> (job, gpus, cpus)
+
+    def release(self) -> None:
+        for job_id, (job, _, _) in list(self.running.items()):
+            if job.done():
+                del self.running[job_id]
+
+    def free(self, res: Resources) -> bool:
+        self.release()
+        if len(self.running) >= self.max_parallel:
+            return False
+        busy = {g for _, gpus, _ in self.running.values() for g in gpus}
+        if res.gpus > len(self.gpus):
+            raise ValueError(f"a stage asks for {res.gpus} GPUs but the local pool has {len(self.gpus)}")
+        used_cpus = sum(c for _, _, c in self.running.values())
+        # a job larger than the machine still runs, alone, rather than never
+        cpu_ok = used_cpus + res.cpus <= self.cpus or not self.running
+        return len(self.gpus) - len(busy) >= res.gpus and cpu_ok
+
+    def submit(self, fn, args, res, name, after=()):
+        out = []
+        for a in args:
+            busy = {g for _, gpus, _ in self.running.values() for g in gpus}
+            gpus = [g for g in self.gpus if g not in busy][: res.gpus]
+            # LocalExecutor itself: AutoExecutor does not pass visible_gpus through
+            ex = submitit.LocalExecutor(folder=self.folder)
+            extra = {k.removeprefix("local_"): v for k, v in self.spec.submitit.items() if k.startswith("local_")}
+            ex.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus, visible_gpus=tuple(gpus),
+                                 **extra)
+            job = ex.submit(fn, *a)
+            self.running[job.job_id] = (job, gpus, res.cpus)
+            out.append(Submitted(job.job_id, str(job.paths.stdout), job))
+        return out
+
+    def alive(self, job_id, status):
+        if job_id in self.running:
+            return not self.running[job_id][0].done()
+        if status.get("host") not in (None, ledger.here()["host"]):
+            return True  # another machine's process: cannot tell, assume it lives
+        pid = status.get("pid") if status.get("job_id") == job_id and status.get("pid") else job_id
+        return pid_alive(int(pid)) if str(pid).isdigit() else False
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, spec: LauncherSpec, root: Path):
+        super().__init__(spec, root)
+        self._max_array: Optional[int] = spec.max_array_size
+
+    @property
+    def max_array(self) -> int:
+        if self._max_array is None:
+            self._max_array = site_max_array_size()
+        return self._max_array
+
+    def submit(self, fn, args, res, name, after=()):
+        params = self._params(res, name)
+        params["slurm_array_parallelism"] = self.spec.array_parallelism
+        if res.partition:
+            params["slurm_partition"] = res.partition
+        extra = dict(params.pop("slurm_additional_parameters", {}) or {})
+        if after:
+            extra["dependency"] = "afterany:" + ":".join(sorted(set(after)))
+        out = []
+        for start in range(0, len(args), self.max_array):
+            ex = submitit.AutoExecutor(folder=self.folder, cluster="slurm")
+            ex.update_parameters(**params, slurm_additional_parameters=extra)
+            with ex.batch():
+                jobs = [ex.submit(fn, *a) for a in args[start:start + self.max_array]]
+            out.extend(Submitted(j.job_id, str(j.paths.stdout), j) for j in jobs)
+        return out
+
+    def alive(self, job_id, status):
+        state = submitit.SlurmJob(folder=self.folder, job_id=job_id).watcher.get_state(job_id, mode="force")
+        return state.split()[0] not in _SLURM_DONE
+
+
+_SLURM_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+               "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+
+
+def site_max_array_size() -> int:
+    """MaxArraySize from `scontrol show config` (array indices go up to MaxArraySize - 1)."""
+    try:
+        text = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1000
+    for line in text.splitlines():
+        if line.strip().startswith("MaxArraySize"):
+            return max(1, int(line.split("=")[1].strip()) - 1)
+    return 1000  # Slurm's default MaxArraySize is 1001
+
+
+def make_backend(spec: LauncherSpec, root: Path) -> Backend:
+    return {"debug": DebugBackend, "local": LocalBackend, "slurm": SlurmBackend}[spec.backend](spec, root)
+
+
+def _visible_gpu_count() -> int:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([g for g in env.split(",") if g.strip()])
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """A process of this machine that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" not in state

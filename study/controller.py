@@ -1,0 +1,303 @@
+"""The controller: which stages need a job, submitting them (the whole DAG at once on Slurm:
+one array per dependency level and resource shape, each level `afterany` the arrays holding
+its upstream stages, so the controller may exit), following the local pool, noticing jobs that
+died without a word (OOM kill, node failure, scancel), and holding one lock per sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from study import ledger, schema, tracking
+from study.backends import Backend, Submitted, make_backend
+from study.ledger import ACTIVE, State
+from study.spec import get_path
+from study.stages import Cell, Plan, Stage, read_stage_result
+from study.tracking import Tracker
+from study.worker import StageJob, StageRun
+
+
+# --------------------------------------------------------------------------- one controller per sweep
+class ControllerBusy(RuntimeError):
+    pass
+
+
+def controller_lock(plan: Plan):
+    """One controller per sweep: a second `run` would double-submit. Released when the
+    process dies, so a killed controller never blocks the re-run."""
+    path = ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise ControllerBusy(f"another controller runs sweep '{plan.spec.name}' (pid {fh.read().strip()})")
+    fh.seek(0), fh.truncate(), fh.write(str(os.getpid())), fh.flush()
+    return fh
+
+
+def controller_running(plan: Plan) -> bool:
+    try:
+        controller_lock(plan).close()
+        return False
+    except ControllerBusy:
+        return True
+
+
+# --------------------------------------------------------------------------- tracking
+def open_sweep_run(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
+    """Store, experiment and the sweep's parent run, created here before any worker starts (grid
+    sweeps and searches alike). The parent run recorded in the manifest is reused, so a re-run
+    appends to the same runs."""
+    spec = plan.spec
+    if not spec.tracking.enabled:
+        return None
+    uri = spec.tracking.uri or tracking.default_uri(plan.root)
+    exp_id = tracking.init_store(uri, spec.tracking.experiment or spec.name, plan.root / "mlartifacts")
+    if manifest.get("tracking", {}).get("uri") == uri and manifest["tracking"].get("parent_run_id"):
+        tracker = tracking.Tracker(uri, exp_id, manifest["tracking"]["parent_run_id"])
+    else:
+        tracker = tracking.start_sweep(uri, exp_id, spec.name, {"spec": str(Path(plan.source).resolve())})
+    manifest["tracking"] = {"uri": uri, "experiment_id": exp_id, "parent_run_id": tracker.parent_run_id}
+    return tracker
+
+
+def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
+                  extra_tags: Optional[dict[str, str]] = None) -> str:
+    """A cell's MLflow run under the sweep run; stages that already ran are logged into it now."""
+    tags = {schema.CELL_ID: cell.id, schema.SWEEP: plan.spec.name, schema.ROLE: schema.ROLE_CELL,
+            schema.CELL: cell.id, **_seed_tag(plan.spec, cell),
+            **{schema.stage_tag(k): s.id for k, s in cell.stages.items()},
+            **{schema.AXIS_PREFIX + k: str(v) for k, v in cell.values.items()}, **(extra_tags or {})}
+    run_id = tracking.start_run(tracker, name, tags, params=cell.config)
+    _log_cached(plan, tracker, cell, run_id)
+    return run_id
+
+
+def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
+    """The sweep run and one run per cell; cell runs recorded in the manifest are reused."""
+    tracker = open_sweep_run(plan, manifest)
+    if tracker is None:
+        return None
+    old = {c["id"]: c.get("run_id") for c in manifest.get("cells", [])}
+    for cell in plan.cells:
+        run_id = old.get(cell.id) or open_cell_run(plan, tracker, cell, cell_name(cell))
+        manifest.setdefault("run_ids", {})[cell.id] = run_id
+    return tracker
+
+
+def _seed_tag(spec, cell: Cell) -> dict[str, str]:
+    """The cell's seed (the value at the first seed key), for grouping runs by seed."""
+    for key in spec.seed_keys:
+        value = get_path(cell.config, key, None)
+        if value is not None:
+            return {schema.SEED: str(value)}
+    return {}
+
+
+def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) -> None:
+    """A new cell run whose stages already ran (in another sweep) gets their results now."""
+    done = 0
+    for kind, st in cell.stages.items():
+        result = read_stage_result(st.dir(plan.root))
+        status = ledger.read_status(st.dir(plan.root))
+        if result is not None and status["state"] == State.COMPLETED:
+            done += 1
+            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result,
+                                      step=int(status.get("step") or 0))
+    if done == len(cell.stages):
+        tracking.end_runs(tracker, [run_id], "FINISHED")
+
+
+def cell_name(cell: Cell) -> str:
+    """`name=inhouse:dino,kind=vfmtok,seed=0`: the last part of each axis key (a seed written to
+    several keys once)."""
+    return ",".join(dict.fromkeys(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items())) or cell.id
+
+
+def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:
+    runs = {key: StageRun(st) for key, st in plan.stages.items()}
+    for cell in plan.cells:
+        rid = run_ids.get(cell.id)
+        if not rid:
+            continue
+        keys = [s.key for s in cell.stages.values()]
+        for key in keys:
+            runs[key].run_ids.append(rid)
+        runs[keys[-1]].finishes.append(rid)
+    return runs
+
+
+# --------------------------------------------------------------------------- scheduling
+def reset_stage(stage_dir: Path, keep_checkpoints: bool) -> None:
+    """Back to PENDING (for --force: from scratch; for --retry-failed: resume from checkpoints)."""
+    if not keep_checkpoints and stage_dir.exists():
+        for child in stage_dir.iterdir():
+            if not child.name.startswith("."):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    (stage_dir / "result.json").unlink(missing_ok=True)
+    ledger.update_status(stage_dir, state=State.PENDING.value)
+
+
+def mark_lost(stage_dir: Path, job_id: str, stdout: Optional[str]) -> bool:
+    """A job that ended while its stage was still active: FAILED with the log tail. Checked
+    under the status lock, so a worker that just wrote COMPLETED is not overwritten."""
+    with ledger.file_lock(stage_dir / ".status.lock"):
+        status = ledger.read_status(stage_dir)
+        if status["state"] not in ACTIVE or status.get("job_id") != job_id:
+            return False
+    tail = ""
+    for path in (stdout, stdout and stdout.replace(".out", ".err")):
+        if path and Path(path).exists():
+            tail += Path(path).read_text(errors="replace")[-2000:]
+    ledger.update_status(stage_dir, state=State.FAILED.value, ended=time.time(), errors=[{
+        "time": time.time(), "job_id": job_id, "error": f"job {job_id} ended without finishing the stage",
+        "traceback": tail}])
+    return True
+
+
+@dataclass
+class Progress:
+    """What a scheduling pass leaves for the follow loop."""
+    submitted: dict[str, Submitted] = field(default_factory=dict)  # stage key -> job
+    waiting: list[str] = field(default_factory=list)  # stage keys not yet submitted (local pool)
+
+
+class Scheduler:
+    """Decides which stages run, submits them, and keeps submitting (local pool) until done.
+
+    Stage rules: COMPLETED is never recomputed (unless force); FAILED stays failed (unless
+    retry_failed); an active stage whose job is alive is followed, not resubmitted; an active
+    stage whose job is gone (controller killed, node lost) is resubmitted and resumes from its
+    checkpoints."""
+
+    def __init__(self, stages: dict[str, Stage], runs: dict[str, StageRun], backend: Backend,
+                 plugins: list[str], tracker: Optional[Tracker], retries: int):
+        self.stages, self.runs, self.backend = stages, runs, backend
+        self.plugins, self.tracker, self.retries = plugins, tracker, retries
+        self.root = backend.root
+        self.progress = Progress()
+
+    def dir(self, key: str) -> Path:
+        return self.stages[key].dir(self.root)
+
+    def state(self, key: str) -> State:
+        return ledger.read_status(self.dir(key))["state"]
+
+    def prepare(self, force: bool, retry_failed: bool) -> list[str]:
+        """Stage keys that need a job now, in dependency order."""
+        todo = []
+        for key in self.stages:
+            sdir = self.dir(key)
+            status = ledger.read_status(sdir)
+            state = status["state"]
+            if force:
+                reset_stage(sdir, keep_checkpoints=False)
+                todo.append(key)
+            elif state == State.COMPLETED and read_stage_result(sdir) is not None:
+                continue
+            elif state == State.FAILED:
+                if retry_failed:
+                    reset_stage(sdir, keep_checkpoints=True)
+                    todo.append(key)
+            elif state in ACTIVE and status.get("job_id") and self._alive(status):
+                continue
+            else:
+                todo.append(key)
+        return todo
+
+    def _alive(self, status: dict) -> bool:
+        backend = make_backend(dataclasses.replace(self.backend.spec, backend=status.get("backend", "local")),
+                               self.root) if status.get("backend") != self.backend.name else self.backend
+        try:
+            return backend.alive(status["job_id"], status)
+        except Exception:  # noqa: BLE001 -- e.g. sacct unreachable: do not double-submit
+            return True
+
+    def _args(self, key: str) -> tuple:
+        return (self.runs[key], str(self.root), self.plugins, self.tracker, self.retries)
+
+    def _submit(self, keys: list[str], after: list[str] = ()) -> list[Submitted]:
+        res = self.stages[keys[0]].resources
+        jobs = self.backend.submit(StageJob(), [self._args(k) for k in keys], res,
+                                   name=self.stages[keys[0]].kind, after=after)
+        for key, job in zip(keys, jobs):
+            if self.backend.name != "debug":
+                ledger.mark_submitted(self.dir(key), job.job_id, backend=self.backend.name, stdout=job.stdout)
+            self.progress.submitted[key] = job
+        return jobs
+
+    def start(self, todo: list[str]) -> None:
+        if self.backend.name == "slurm":
+            self._submit_dag(todo)
+        else:
+            self.progress.waiting = list(todo)
+            self.step()
+
+    def _submit_dag(self, todo: list[str]) -> None:
+        """Every level at once; a level's arrays start after the arrays of its upstream stages."""
+        todo_set = set(todo)
+        depth: dict[str, int] = {}
+        for key in self.stages:
+            depth[key] = 1 + max((depth[u] for u in self.stages[key].upstream), default=-1)
+        for level in sorted({depth[k] for k in todo}):
+            groups: dict[tuple, list[str]] = {}
+            for key in (k for k in todo if depth[k] == level):
+                groups.setdefault(dataclasses.astuple(self.stages[key].resources) + (self.stages[key].kind,),
+                                  []).append(key)
+            for keys in groups.values():
+                after = set()
+                for key in keys:
+                    for up in self.stages[key].upstream:
+                        job = self.progress.submitted.get(up)
+                        if up in todo_set and job:
+                            after.add(job.job_id.split("_")[0])
+                        elif self.state(up) in ACTIVE:  # queued by an earlier invocation
+                            after.add(str(ledger.read_status(self.dir(up)).get("job_id", "")).split("_")[0])
+                self._submit(keys, after=sorted(a for a in after if a))
+
+    def step(self) -> None:
+        """Local/debug: submit every waiting stage whose upstream is COMPLETED, while slots are free."""
+        if self.backend.name == "slurm":
+            return
+        for key in list(self.progress.waiting):
+            ups = [self.state(u) for u in self.stages[key].upstream]
+            if any(s == State.FAILED for s in ups):
+                continue  # blocked; shown as such, resubmitted after --retry-failed
+            if all(s == State.COMPLETED for s in ups) and self.backend.free(self.stages[key].resources):
+                self.progress.waiting.remove(key)
+                self._submit([key])
+
+    def check_jobs(self) -> None:
+        """Mark stages whose job died without a word (OOM kill, scancel, lost node) as FAILED."""
+        slow = self.backend.name == "slurm"  # sacct calls: not on every poll
+        if slow and time.time() - getattr(self, "_last_check", 0.0) < 15:
+            return
+        self._last_check = time.time()
+        for key in self.stages:
+            status = ledger.read_status(self.dir(key))
+            if status["state"] not in ACTIVE or not status.get("job_id"):
+                continue
+            job = self.progress.submitted.get(key)
+            if job is not None and job.handle is not None and job.job_id == status["job_id"]:
+                dead = job.handle.done()
+            else:
+                dead = not self._alive(status)
+            if dead:
+                time.sleep(0.2)  # let a worker's last status write land before judging
+                mark_lost(self.dir(key), status["job_id"], status.get("stdout"))
+
+    def pending(self) -> bool:
+        """True while something may still change (active stages or runnable waiting ones)."""
+        if any(self.state(k) in ACTIVE for k in self.stages):
+            return True
+        return any(all(self.state(u) == State.COMPLETED for u in self.stages[k].upstream)
+                   for k in self.progress.waiting)

@@ -1,0 +1,221 @@
+"""The study's stage chain, registered with the engine (study.stages):
+
+    reference ──────────────┬───────────────┬──────────────┐
+    vfm ──> tokenizer ──> tok_eval          │              │
+                 └──────────────────> generator ──> gen_eval
+
+A cell config has the sections `data`, `vfm`, `pretrain`, `reference`, `tokenizer`,
+`generator` and `eval`.  Each stage reads only the sections it declares (study.pipeline.configs),
+so its id (and its cache folder) changes only when they do: one backbone's VFM stage is shared
+by every cell that uses it, one tokenizer by every generator trained on it.
+
+Metric names are honest: Fréchet distances in the project's reference-classifier space are
+`rfd_ref` (reconstructions) and `fd_ref` (samples); `rfid` / `gfid` appear only when
+`eval.inception_weights` points at the real TF-Inception file.  Every name is in study.schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from study import schema as S
+from study.config import from_dict, to_dict
+from study.data import DataConfig, build_dataset, to_tensor_images, to_uint8
+from study.metrics.codebook import codebook_stats
+from study.metrics.features import RefSpace, distribution_metrics
+from study.metrics.grids import class_grid, reconstruction_grid
+from study.metrics.image import psnr, ssim
+from study.metrics.probes import linear_probe
+from study.metrics.reference import ReferenceClassifier, class_consistency
+from study.pipeline.reference import train_reference_classifier
+from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
+                                    TokenizerStage, VFMStage, assemble, check_backbone, check_generator,
+                                    check_tokenizer, generator_config, inhouse_objective, missing_data,
+                                    missing_tokenizer_inputs, spec_missing, tokenizer_config)
+from study.stages import StageContext, StageResult, register_stage
+from generators.train import load_generator, train as train_generator
+from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
+from tokenizer.train import export_codes, load_tokenizer, train as train_tokenizer
+from tokenizer.vfm import VFMSpec, build_vfm
+
+SPEC = "spec"  # vfm output: the backbone spec with the weights it was built from
+_GUIDANCE_ARG = "guidance"  # LoadedGenerator.sample's keyword choosing the DiT's guidance
+
+
+# --------------------------------------------------------------------------- helpers
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _reference(ctx: StageContext) -> ReferenceClassifier:
+    return ReferenceClassifier.load(ctx.inputs[S.REFERENCE].dir / S.CLASSIFIER_FILE)
+
+
+def _val_images(data: DataConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    val = build_dataset(data, "val")
+    return val.images[:n], val.labels[:n]
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = _device()
+    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def _decode(tokenizer, codes: torch.Tensor, batch_size: int) -> np.ndarray:
+    return to_uint8(_batched(tokenizer.decode, codes, batch_size))
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """A trainer's final numbers as stage metrics (`loss/model` -> `loss_model`)."""
+    return {k.replace("/", "_"): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------- stages
+@register_stage(S.REFERENCE, ReferenceStage, missing=missing_data)
+def run_reference(ctx: StageContext) -> StageResult:
+    """The classifier whose feature space defines fd_ref (trained once per dataset)."""
+    cfg: ReferenceStage = ctx.config
+    ref_cfg = dataclasses.replace(cfg.reference, image_size=cfg.data.resolution, cache_dir=str(ctx.dir))
+    clf = train_reference_classifier(build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"), ref_cfg)
+    clf.save(ctx.dir / S.CLASSIFIER_FILE)
+    return StageResult(metrics={S.VAL_ACC: clf.val_acc})
+
+
+@register_stage(S.VFM, VFMStage, validate=check_backbone, missing=lambda cfg: spec_missing(cfg.vfm))
+def run_vfm(ctx: StageContext) -> StageResult:
+    """Pretrain an in-house backbone (or load a published one), then probe its features."""
+    cfg: VFMStage = ctx.config
+    spec = cfg.vfm
+    objective = inhouse_objective(spec)
+    found: dict[str, Any] = {}
+    if objective is not None and not spec.weights:
+        pre = assemble(PretrainConfig, cfg.pretrain, objective=objective, data=cfg.data)
+        pre.train = dataclasses.replace(pre.train, out_dir=str(ctx.dir / "pretrain"))
+        path, found = pretrain(pre, ctx.callbacks)
+        spec = dataclasses.replace(spec, weights=str(Path(path).resolve()))
+    vfm = build_vfm(spec)
+    if not set(S.BACKBONE_EVAL) <= set(found):
+        found = {**found, **evaluate_backbone(vfm, cfg.data, cfg.pretrain.eval)}
+    metrics = {new: found[old] for old, new in S.BACKBONE_EVAL.items() if old in found}
+    metrics[S.NUM_PARAMS] = vfm.num_params
+    return StageResult(metrics=metrics, outputs={SPEC: to_dict(spec)},
+                       tags={S.BACKBONE: cfg.vfm.name, S.FAMILY: vfm.family})
+
+
+@register_stage(S.TOKENIZER, TokenizerStage, needs=(S.VFM,), validate=check_tokenizer,
+                missing=missing_tokenizer_inputs)
+def run_tokenizer(ctx: StageContext) -> StageResult:
+    """Train VFMTok / VFMAE on the frozen backbone; export the train split's codes (+ flips)."""
+    cfg: TokenizerStage = ctx.config
+    spec = from_dict(VFMSpec, ctx.inputs[S.VFM].result.outputs[SPEC])
+    run = tokenizer_config(cfg.data, spec, cfg.tokenizer, ctx.dir)
+    model, metrics = train_tokenizer(run, ctx.callbacks)
+    model.to(_device())
+    export_codes(model, build_dataset(cfg.data, "train"), ctx.dir / S.CODES_FILE)
+    m = run.model
+    return StageResult(metrics=_numbers(metrics), outputs={"deviations": run.deviations},
+                       tags={S.TOKENIZER_KIND: m.kind, S.NUM_QUERIES: m.num_queries, S.SAMPLER: m.sampler,
+                             S.SEMANTIC: str(run.semantic_on).lower()})
+
+
+@register_stage(S.TOK_EVAL, TokEvalStage, needs=(S.TOKENIZER, S.REFERENCE))
+def run_tok_eval(ctx: StageContext) -> StageResult:
+    """Reconstruction quality (psnr, ssim, rfd_ref [, rfid]), codebook use, a linear probe on the
+    tokenizer's latents, and a reconstruction grid."""
+    cfg: TokEvalStage = ctx.config
+    ev = cfg.eval
+    tokenizer = load_tokenizer(ctx.inputs[S.TOKENIZER].dir, map_location=_device())
+    images, _ = _val_images(cfg.data, ev.recon_images)
+    codes = _batched(tokenizer.encode, to_tensor_images(images), ev.batch_size)
+    recon = _decode(tokenizer, codes, ev.batch_size)
+    out = {S.PSNR: psnr(images, recon), S.SSIM: ssim(images, recon),
+           S.RFD_REF: distribution_metrics(RefSpace(_reference(ctx)), recon, images)[S.FD_REF]}
+    if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
+        from study.metrics.fid import InceptionConfig, rfid
+        out.update(rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)))
+    if tokenizer.cfg.kind == "vfmtok":
+        stats = codebook_stats(codes.numpy(), tokenizer.cfg.codebook_size)
+        out.update({new: stats[old] for old, new in S.CODEBOOK.items()})
+    else:
+        out.update({S.LATENT_MEAN: float(codes.mean()), S.LATENT_STD: float(codes.std())})
+    out[S.PROBE_ACC] = _latent_probe(tokenizer, cfg.data, ev)
+    reconstruction_grid(images[:8], recon[:8], ctx.dir / S.RECONSTRUCTIONS_PNG)
+    return StageResult(metrics=out, artifacts={S.GRIDS: [S.RECONSTRUCTIONS_PNG]})
+
+
+@torch.no_grad()
+def _latent_probe(tokenizer, data: DataConfig, ev: EvalConfig) -> float:
+    """Linear-probe accuracy on the flattened tokenizer latents (code vectors for VFMTok)."""
+    def features(split: str, n: int):
+        ds = build_dataset(data, split)
+        codes = _batched(tokenizer.encode, to_tensor_images(ds.images[:n]), ev.batch_size)
+        if tokenizer.cfg.kind == "vfmtok":
+            codes = tokenizer.quantizer.lookup(codes.to(_device())).cpu()
+        return codes.flatten(1).float().numpy(), ds.labels[:n]
+
+    (xtr, ytr), (xva, yva) = features("train", ev.probe_train), features("val", ev.probe_val)
+    return linear_probe(xtr, ytr, xva, yva)["linear_acc"]
+
+
+def _fd_ref_hook(tokenizer, clf: ReferenceClassifier, reference: np.ndarray, batch_size: int):
+    """sample_fn for the generator: fd_ref of decoded samples vs val images at each evaluation
+    (the convergence curve: generation quality vs training step)."""
+    space = RefSpace(clf)
+    ref_features = space.features(reference)
+
+    def hook(samples: torch.Tensor, labels: torch.Tensor, step: int) -> dict:
+        images = _decode(tokenizer, samples, batch_size)
+        return {S.FD_REF: distribution_metrics(space, images, ref_features, ref_is_features=True)[S.FD_REF]}
+    return hook
+
+
+@register_stage(S.GENERATOR, GeneratorStage, needs=(S.TOKENIZER, S.REFERENCE), validate=check_generator)
+def run_generator(ctx: StageContext) -> StageResult:
+    """Train the AR GPT (VFMTok) or the flow-matching DiT (VFMAE) on the tokenizer's codes."""
+    cfg: GeneratorStage = ctx.config
+    tok_dir = ctx.inputs[S.TOKENIZER].dir
+    run = generator_config(cfg, tok_dir / S.CODES_FILE, ctx.dir)
+    tokenizer = load_tokenizer(tok_dir, map_location=_device())
+    reference, _ = _val_images(cfg.data, cfg.eval.recon_images)
+    hook = _fd_ref_hook(tokenizer, _reference(ctx), reference, cfg.eval.batch_size)
+    _, metrics = train_generator(run, ctx.callbacks, sample_fn=hook)
+    return StageResult(metrics=_numbers(metrics), tags={S.GENERATOR_KIND: run.kind})
+
+
+@register_stage(S.GEN_EVAL, GenEvalStage, needs=(S.GENERATOR, S.TOKENIZER, S.REFERENCE))
+def run_gen_eval(ctx: StageContext) -> StageResult:
+    """Samples per class without and with guidance (CFG for GPT, AutoGuidance for DiT):
+    fd_ref, precision/recall and class consistency in the reference space [, gfid]; a grid."""
+    cfg: GenEvalStage = ctx.config
+    ev = cfg.eval
+    gen = load_generator(ctx.inputs[S.GENERATOR].dir, device=_device())
+    tokenizer = load_tokenizer(ctx.inputs[S.TOKENIZER].dir, map_location=_device())
+    clf = _reference(ctx)
+    space = RefSpace(clf)
+    val = build_dataset(cfg.data, "val")
+    ref_features = space.features(val.images)
+    labels = torch.arange(cfg.data.num_classes).repeat_interleave(ev.samples_per_class)
+    guided: dict[str, Any] = {"cfg_scale": ev.guidance_scale}
+    if gen.cfg.kind == "dit" and gen.guide is not None:
+        guided[_GUIDANCE_ARG] = "autoguidance"
+    out: dict[str, float] = {}
+    for guide, overrides in ((False, {"cfg_scale": 1.0}), (True, guided)):
+        codes = gen.sample(labels.to(_device()), seed=ev.seed, **overrides).cpu()
+        images = _decode(tokenizer, codes, ev.batch_size)
+        metrics = distribution_metrics(space, images, ref_features, ref_is_features=True)
+        metrics[S.CLASS_CONSISTENCY] = class_consistency(clf, images, labels.numpy())
+        if ev.inception_weights:
+            from study.metrics.fid import InceptionConfig, gfid
+            metrics.update(gfid(images, val.images, InceptionConfig(weights_path=ev.inception_weights)))
+        out.update({S.guided(k) if guide else k: v for k, v in metrics.items()})
+        if not guide:
+            class_grid(images, labels.numpy(), ctx.dir / S.SAMPLES_PNG, num_classes=cfg.data.num_classes)
+    return StageResult(metrics=out, tags={S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg")},
+                       artifacts={S.GRIDS: [S.SAMPLES_PNG]})
