@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from study.fsio import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -282,7 +284,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -7,7 +7,7 @@ Per stage folder `<study_dir>/stages/<kind>/<id>/`:
 Per sweep `<study_dir>/sweeps/<name>.json`: the expansion (cells -> stage keys), MLflow run ids,
 the spec file and overrides, so that `status | wait | collect` reattach without the controller.
 
-Every write is tmp file + os.replace (a reader never sees half a file); read-modify-write of a
+Every write goes through study.fsio (a reader never sees half a file); read-modify-write of a
 status goes under an flock so that the controller and a worker never lose each other's fields.
 """
 
@@ -23,6 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
+from study.fsio import atomic_write_text
+
 
 class State(str, Enum):
     PENDING = "PENDING"
@@ -37,11 +39,7 @@ ACTIVE = {State.SUBMITTED, State.RUNNING, State.PREEMPTED}
 
 
 def write_json(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def read_json(path: Path, default: Any = None) -> Any:

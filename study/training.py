@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from study.config import nonsemantic
+from study.fsio import atomic_write
 
 
 # --------------------------------------------------------------------------- configs
@@ -294,12 +295,8 @@ class Trainer:
         }
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        last_tmp = self.ckpt_dir / "last.tmp"
-        torch.save(state, last_tmp)
-        os.replace(last_tmp, self.ckpt_dir / "last.pt")  # atomic: a kill never leaves half a file
+        for target in (path, self.ckpt_dir / "last.pt"):  # a kill never leaves half a file
+            atomic_write(target, lambda handle: torch.save(state, handle))
         kept = sorted(self.ckpt_dir.glob("step_*.pt"))
         for old in kept[: max(0, len(kept) - self.cfg.keep_checkpoints)]:
             old.unlink()

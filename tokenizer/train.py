@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.fsio import atomic_write
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
@@ -289,11 +290,7 @@ def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = Tr
         else:  # statistics of the exported set itself (per channel and position)
             mean, std = payload["latents"].mean(0), payload["latents"].std(0, unbiased=False)
         payload["mean"], payload["std"] = mean.float(), std.float()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return payload
 
 

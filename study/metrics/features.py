@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from study.fsio import atomic_write
 from study.metrics.common import as_features, content_hash, default_cache_dir, pick_device, to_float_nchw
 from study.metrics.fid import fid_from_features, precision_recall
 
@@ -99,10 +100,7 @@ def cached_features(space: FeatureSpace, images, *, data_id: str | None = None,
     if path.is_file():
         return np.load(path)
     feats = space.features(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: np.save(handle, feats))
     return feats
 
 

@@ -10,7 +10,6 @@ that uses the same data and classifier config measures in the same space.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import config_hash, nonsemantic, to_dict
+from study.fsio import atomic_write
 from study.metrics.common import as_features, default_cache_dir, pick_device, to_float_nchw
 from study.training import OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask
 
@@ -145,12 +145,8 @@ class ReferenceClassifier:
         return predict_logits(self.model, images, self.batch_size).argmax(1).numpy()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": self.model.state_dict(), "meta": self.meta}, tmp)
-        os.replace(tmp, path)
-        return path
+        state = {"state_dict": self.model.state_dict(), "meta": self.meta}
+        return atomic_write(path, lambda handle: torch.save(state, handle))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "ReferenceClassifier":
