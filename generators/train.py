@@ -138,7 +138,7 @@ def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
     if not cfg.data.path or not Path(cfg.data.path).is_file():
         raise ConfigError(f"codes file {cfg.data.path!r} not found (write it with the tokenizer, or use data.source=random)",
                           key="data.path")
-    blob = torch.load(cfg.data.path, map_location="cpu", weights_only=False)
+    blob = torch.load(cfg.data.path, map_location="cpu", weights_only=True)
     labels = blob["labels"].long()
     grid = tuple(int(v) for v in blob["grid"])
 
@@ -376,7 +376,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     if path.is_dir():
         path = path / "generator.pt"
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = from_dict(GeneratorRunConfig, blob["config"], source=str(path))
     model = build_model(cfg)
     model.load_state_dict(blob["model"])

@@ -84,3 +84,45 @@ def test_reference_stats_saved_by_concurrent_writers_stay_loadable(tmp_path):
     i = int(loaded.identity[2:])
     np.testing.assert_array_equal(loaded.mu, stats[i].mu)
     np.testing.assert_array_equal(loaded.features, stats[i].features.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- untrusted files
+class _RunsOnLoad:
+    """A pickle that would create `marker` when unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_codes_file_with_code_in_it_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    import pytest
+    import torch
+
+    from generators.train import GeneratorRunConfig, load_codes
+    from study.config import load
+
+    marker, codes = tmp_path / "pwned", tmp_path / "codes.pt"
+    torch.save({"labels": torch.zeros(4), "grid": (2, 2), "evil": _RunsOnLoad(marker)}, codes)
+    cfg = load(GeneratorRunConfig, data={"data": {"source": "cache", "path": str(codes)}})
+    with pytest.raises(pickle.UnpicklingError):
+        load_codes(cfg)
+    assert not marker.exists()
+
+
+def test_trainer_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
+    import random
+
+    import torch
+
+    from study.training import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

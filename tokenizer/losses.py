@@ -85,7 +85,7 @@ class LPIPSLoss(nn.Module):
         import torchvision
         self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu"))
+        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
         # lpips slices vgg.features into 5 stages; copy the local weights into them
         feats = vgg.features
         for stage in (self.net.net.slice1, self.net.net.slice2, self.net.net.slice3, self.net.net.slice4, self.net.net.slice5):

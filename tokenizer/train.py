@@ -255,12 +255,12 @@ def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu"
     run_dir = Path(run_dir)
     cfg = load(TokenizerRunConfig, run_dir / "config.yaml")
     model = VFMTokenizer(cfg.model, build_vfm(cfg.vfm))
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=map_location, weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["modules"]["model"])
     model.tokenizer_id = tokenizer_id(cfg)
     stats = run_dir / "latent_stats.pt"
     if stats.exists():
-        s = torch.load(stats, map_location="cpu")
+        s = torch.load(stats, map_location="cpu", weights_only=True)
         model.latent_stats = (s["mean"], s["std"])
     return model.eval().to(map_location)
 

@@ -150,7 +150,7 @@ class ReferenceClassifier:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "ReferenceClassifier":
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         meta = state["meta"]
         cfg = meta["config"]
         model = RefCNN(meta["num_classes"], cfg["width"], cfg["image_size"])
