@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -46,13 +47,52 @@ def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
 
 
 # --------------------------------------------------------------------------- YAML reading
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line = key, line
+        super().__init__(f"duplicate key '{key}' at line {line} (first at line {first_line}; keep one)")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the last one would silently win) and reads
+    exponent-form numbers such as `3e-3` as floats (YAML 1.1 wants `3.0e-3`, so a plain
+    SafeLoader returns the string '3e-3', which an include filter or an axis never matches)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` with StrictLoader's rules (duplicate keys, exponent floats)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a syntax error becomes a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"file not found (check the path; cwd is {Path.cwd()})", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(str(err), source=str(path), key=str(err.key)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -71,7 +111,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key.path=value", source="--set")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -163,11 +203,6 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
         fail(f"expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -96,3 +96,28 @@ class Preset:
 def test_partial_mapping_updates_the_default_instead_of_replacing_it():
     cfg = load(Preset, data={"optim": {"lr": 1e-3}})
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+
+
+# --------------------------------------------------------------------------- strict YAML
+def test_duplicate_key_is_an_error_naming_file_key_and_lines(tmp_path):
+    path = write(tmp_path, "name: a\noptim:\n  lr: 1e-3\n  betas: [0.8, 0.9]\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load(Run, path)
+    assert str(err.value) == f"{path}: lr: duplicate key 'lr' at line 5 (first at line 3; keep one)"
+    with pytest.raises(ConfigError, match="duplicate key 'name' at line 2"):
+        load(Run, write(tmp_path, "name: a\nname: b\n"))
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = write(tmp_path, "defaults: &d {lr: 0.5}\nname: a\noptim:\n  <<: *d\n  lr: 0.25\n")
+    from study.config import read_yaml
+    assert read_yaml(path)["optim"] == {"lr": 0.25}
+
+
+@pytest.mark.parametrize("text, value", [("3e-3", 3e-3), ("1E5", 1e5), ("-2.5e+2", -250.0), (".5e1", 5.0)])
+def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path, text, value):
+    from study.config import parse_override, read_yaml
+    data = read_yaml(write(tmp_path, f"x: {text}\nys: [{text}, 1, '3e-3']\n"))
+    assert data == {"x": value, "ys": [value, 1, "3e-3"]} and isinstance(data["x"], float)
+    assert parse_override(f"a.b=[{text}]") == ("a.b", [value])
+    assert read_yaml(write(tmp_path, "n: 3\nv: 1.0.0\n")) == {"n": 3, "v": "1.0.0"}  # ints/versions unchanged

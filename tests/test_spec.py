@@ -75,6 +75,7 @@ def _cli(tmp_path, *args):
 
 MALFORMED = {
     "yaml_syntax": ("name: t\nstages: [toy_data\n", "YAML syntax error"),
+    "duplicate_key": ("name: t\nstages: [toy_data]\nname: u\n", "name: duplicate key 'name' at line 3 (first at line 1"),
     "unknown_key": ({"launcher": {"backnd": "local"}}, "launcher.backnd: unknown key 'backnd' (did you mean 'backend'?)"),
     "wrong_type": ({"axes": {"grid": {"toy.lr": [0.1, "fast"]}}}, "axes.grid.toy.lr: expected a number"),
     "unknown_stage": ({"stages": ["toy_data", "toy_trian"]}, "stages[1]: unknown stage kind 'toy_trian' (did you mean 'toy_train'?)"),
@@ -125,3 +126,11 @@ def test_bad_override_and_filter_typo_name_their_key(tmp_path):
 def test_example_sweep_loads():
     plan = load_plan(str(REPO / "sweeps" / "toy.yaml"))
     assert len(plan.cells) == 8 and sum(s.kind == "toy_data" for s in plan.stages.values()) == 1
+
+
+def test_exponent_floats_in_axes_and_filters_match(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: t\nstages: [toy_data, toy_train, toy_eval]\nstudy_dir: {tmp_path / 'study'}\n"
+                    "axes: {grid: {toy.lr: [1e-2, 3e-3]}}\ninclude: [{toy.lr: 3e-3}]\n")
+    plan = load_plan(str(path))
+    assert [c.values["toy.lr"] for c in plan.cells] == [3e-3]
