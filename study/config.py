@@ -39,11 +39,45 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
-    """A dataclass field that does not affect results (excluded from `config_hash`)."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: lower bound `ge` (>=) or `gt` (>), upper bound `le`
+    (<=) or `lt` (<); None leaves that side open. NaN is never in range."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, semantic: bool = True, **kwargs) -> Any:
+    """A numeric dataclass field with its allowed range, checked when a config is parsed
+    (`from_dict`); for a list or tuple field the range applies to every item."""
+    metadata: dict[str, Any] = {} if semantic else {"semantic": False}
+    if any(b is not None for b in (ge, gt, le, lt)):
+        metadata["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
-    return dataclasses.field(metadata={"semantic": False}, **kwargs)
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field that does not affect results (excluded from `config_hash`); takes the
+    range arguments of `bounded`."""
+    return bounded(default, semantic=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- YAML reading
@@ -239,6 +273,17 @@ def _merge_default(f: dataclasses.Field, value: Any) -> Any:
     return _deep_update(to_dict(default), value)
 
 
+def _check_range(f: dataclasses.Field, value: Any, path: str, source: str | None) -> None:
+    allowed = f.metadata.get("range")
+    if allowed is None:
+        return
+    items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item not in allowed:
+            raise ConfigError(f"{item!r} is out of range (must be {allowed})", source=source,
+                              key=path if i is None else f"{path}[{i}]")
+
+
 def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
     hints = typing.get_type_hints(cls)
@@ -251,6 +296,7 @@ def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: st
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown key '{key}' ({fix})", source=source, key=path)
         kwargs[key] = _convert(_merge_default(fields[key], value), hints[key], path, source)
+        _check_range(fields[key], kwargs[key], path, source)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             path = f"{prefix}.{name}" if prefix else name

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from study.config import ConfigError, load, nonsemantic
+from study.config import ConfigError, bounded, load, nonsemantic
 
 Backend = Literal["debug", "local", "slurm"]
 
@@ -36,10 +36,10 @@ Backend = Literal["debug", "local", "slurm"]
 @dataclass
 class Resources:
     """What one job of a stage asks for; `timeout_min` also bounds the dry-run GPU-hour estimate."""
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4.0
-    timeout_min: int = 60
+    gpus: int = bounded(0, ge=0)
+    cpus: int = bounded(1, ge=1)
+    mem_gb: float = bounded(4.0, gt=0)
+    timeout_min: int = bounded(60, ge=1)
     partition: Optional[str] = None
 
 
@@ -48,14 +48,14 @@ class LauncherSpec:
     backend: Backend = "local"
     # local pool: GPU ids to hand out one job per GPU (None: all visible GPUs), and a cap on
     # concurrent jobs (None: one per GPU, or one per CPU core when no GPU is used)
-    gpus: Optional[list[int]] = None
-    max_parallel: Optional[int] = None
+    gpus: Optional[list[int]] = bounded(None, ge=0)
+    max_parallel: Optional[int] = bounded(None, ge=1)
     # slurm: chunk arrays to this size (None: the site's MaxArraySize from `scontrol show config`)
-    max_array_size: Optional[int] = None
-    array_parallelism: int = 256
-    retries: int = 0  # app-level retries inside a job (a Python exception), error kept in status.json
+    max_array_size: Optional[int] = bounded(None, ge=1)
+    array_parallelism: int = bounded(256, ge=1)
+    retries: int = bounded(0, ge=0)  # app-level retries inside a job (a Python exception), error kept in status.json
     submitit: dict[str, Any] = field(default_factory=dict)  # extra AutoExecutor params, e.g. slurm_qos
-    poll_s: float = 2.0
+    poll_s: float = bounded(2.0, gt=0)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ParamSpec:
     low: Optional[float] = None
     high: Optional[float] = None
     log: bool = False
-    step: Optional[float] = None
+    step: Optional[float] = bounded(None, gt=0)
     choices: Optional[list[Any]] = None
 
     def __post_init__(self):
@@ -87,14 +87,14 @@ class ParamSpec:
 
 @dataclass
 class SearchSpec:
-    n_trials: int
+    n_trials: int = bounded(ge=1)
     metric: Union[str, list[str]]  # "<stage kind>/<result key>", a list for multi-objective
     direction: Union[Literal["minimize", "maximize"], list[Literal["minimize", "maximize"]]] = "minimize"
     space: dict[str, ParamSpec] = field(default_factory=dict)
     sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"  # grid = exhaustive (BruteForceSampler)
     pruner: Literal["none", "median", "hyperband"] = "none"
     prune_on: Optional[str] = None  # "<stage kind>/<training metric>" reported at each log step
-    startup_trials: int = 5  # median pruner: prune nothing until this many trials finished
+    startup_trials: int = bounded(5, ge=0)  # median pruner: prune nothing until this many trials finished
     storage: Optional[str] = None  # None: JournalFileBackend at <study_dir>/optuna.journal; or an RDB URL
     study_name: Optional[str] = None  # None: the sweep name
     seed: Optional[int] = None
@@ -109,8 +109,6 @@ class SearchSpec:
         return [d] * len(self.metrics) if isinstance(d, str) else list(d)
 
     def __post_init__(self):
-        if self.n_trials < 1:
-            raise ConfigError("must be at least 1", key="n_trials")
         if not self.space:
             raise ConfigError("declare at least one dimension (key.path: {type: float, low: .., high: ..})",
                               key="space")
@@ -155,7 +153,7 @@ class SweepSpec:
     stages: list[str]
     base: dict[str, Any] = field(default_factory=dict)
     axes: Axes = field(default_factory=Axes)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = bounded(ge=0, default_factory=lambda: [0])
     seed_keys: list[str] = field(default_factory=lambda: ["seed"])
     include: list[dict[str, Any]] = field(default_factory=list)
     exclude: list[dict[str, Any]] = field(default_factory=list)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from study.config import nonsemantic
+from study.config import bounded, nonsemantic
 from study.fsio import atomic_write
 
 
@@ -39,29 +39,29 @@ from study.fsio import atomic_write
 class OptimConfig:
     """One optimiser. `weight_decay` applies to >=2-D weights only (LlamaGen/nanoGPT rule)."""
     name: Literal["adam", "adamw"] = "adamw"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = bounded(1e-4, gt=0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear decay
-    grad_clip: float = 1.0  # 0 disables clipping
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final lr / lr for cosine and linear decay
+    grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # global batch; each of W ranks gets batch_size // W
-    seed: int = 0
+    steps: int = bounded(1000, ge=1)
+    batch_size: int = bounded(64, ge=1)  # global batch; each of W ranks gets batch_size // W
+    seed: int = bounded(0, ge=0)
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast is used on CUDA only
-    ema_decay: float = 0.999  # 0 disables EMA
-    eval_every: int = 0  # 0: evaluate only at the end
+    ema_decay: float = bounded(0.999, ge=0, lt=1)  # 0 disables EMA
+    eval_every: int = bounded(0, ge=0)  # 0: evaluate only at the end
     device: str = nonsemantic("auto")  # auto | cpu | cuda | cuda:N
     compile: bool = nonsemantic(False)
-    ckpt_every: int = nonsemantic(500)
-    keep_checkpoints: int = nonsemantic(2)
-    log_every: int = nonsemantic(10)
+    ckpt_every: int = nonsemantic(500, ge=1)
+    keep_checkpoints: int = nonsemantic(2, ge=1)
+    log_every: int = nonsemantic(10, ge=1)
     progress: bool = nonsemantic(True)
     out_dir: str = nonsemantic("outputs/run")
 

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from study.config import ConfigError, config_hash, flatten, load, nonsemantic, parse_cli
+from study.config import ConfigError, bounded, config_hash, flatten, load, nonsemantic, parse_cli
 
 
 @dataclass
@@ -121,3 +121,42 @@ def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path, text, value
     assert data == {"x": value, "ys": [value, 1, "3e-3"]} and isinstance(data["x"], float)
     assert parse_override(f"a.b=[{text}]") == ("a.b", [value])
     assert read_yaml(write(tmp_path, "n: 3\nv: 1.0.0\n")) == {"n": 3, "v": "1.0.0"}  # ints/versions unchanged
+
+
+# --------------------------------------------------------------------------- ranges
+@dataclass
+class Ranged:
+    steps: int = bounded(10, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    temperature: float = bounded(1.0, gt=0)
+    ids: list[int] = bounded(default_factory=list, ge=0)
+    every: int = nonsemantic(5, ge=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: 0", "steps: 0 is out of range (must be >= 1)"),
+    ("dropout: 1.0", "dropout: 1.0 is out of range (must be in [0, 1))"),
+    ("dropout: -0.5", "dropout: -0.5 is out of range (must be in [0, 1))"),
+    ("temperature: 0", "temperature: 0.0 is out of range (must be > 0)"),
+    ("temperature: .inf", None),
+    ("temperature: .nan", "temperature: nan is out of range (must be > 0)"),
+    ("ids: [0, 3, -1]", "ids[2]: -1 is out of range (must be >= 0)"),
+    ("every: 0", "every: 0 is out of range (must be >= 1)"),
+])
+def test_ranges_are_checked_at_parse_time_with_file_key_value_and_range(tmp_path, text, message):
+    path = write(tmp_path, text + "\n")
+    if message is None:
+        assert load(Ranged, path).temperature == float("inf")
+        return
+    with pytest.raises(ConfigError) as err:
+        load(Ranged, path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_range_metadata_keeps_defaults_and_hash_semantics():
+    from study.config import Range
+    assert Ranged() == Ranged(10, 0.1, 1.0, [], 5)
+    assert config_hash(Ranged()) == config_hash(Ranged(every=7))  # nonsemantic stays out of the hash
+    assert 0 in Range(ge=0) and 0 not in Range(gt=0) and 1 not in Range(ge=0, lt=1) and 1 in Range(gt=0, le=1)
+    assert float("nan") not in Range(ge=0)
+    assert [str(Range(ge=0)), str(Range(gt=0, le=1)), str(Range(lt=2))] == [">= 0", "in (0, 1]", "< 2"]

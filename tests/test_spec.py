@@ -134,3 +134,43 @@ def test_exponent_floats_in_axes_and_filters_match(tmp_path):
                     "axes: {grid: {toy.lr: [1e-2, 3e-3]}}\ninclude: [{toy.lr: 3e-3}]\n")
     plan = load_plan(str(path))
     assert [c.values["toy.lr"] for c in plan.cells] == [3e-3]
+
+
+def _main_in_process(*args) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, [line for line in buf.getvalue().splitlines() if line.strip()]
+
+
+OUT_OF_RANGE = {
+    "base.toy.train.steps=-5": "base.toy.train.steps: -5 is out of range (must be >= 1)",
+    "resources.toy_train.gpus=-1": "resources.toy_train.gpus: -1 is out of range (must be >= 0)",
+    "resources.toy_train.mem_gb=-4": "resources.toy_train.mem_gb: -4.0 is out of range (must be > 0)",
+    "resources.toy_train.cpus=0": "resources.toy_train.cpus: 0 is out of range (must be >= 1)",
+    "launcher.poll_s=-1": "launcher.poll_s: -1.0 is out of range (must be > 0)",
+    "launcher.retries=-1": "launcher.retries: -1 is out of range (must be >= 0)",
+    "launcher.gpus=[0,-2]": "launcher.gpus[1]: -2 is out of range (must be >= 0)",
+    "base.toy.train.ema_decay=1.5": "base.toy.train.ema_decay: 1.5 is out of range (must be in [0, 1))",
+    "base.toy.train.ema_decay=.nan": "base.toy.train.ema_decay: nan is out of range (must be in [0, 1))",
+}
+
+
+@pytest.mark.parametrize("override", sorted(OUT_OF_RANGE))
+def test_numbers_out_of_range_are_one_line_exit_2_before_anything_exists(tmp_path, override):
+    path = write(tmp_path, {})
+    for command in ("run", "status"):
+        code, lines = _main_in_process(command, str(path), "--set", override)
+        assert code == 2 and lines == [f"error: {path}: {OUT_OF_RANGE[override]}"], lines
+    assert not (tmp_path / "study").exists()
+
+
+def test_pipeline_token_count_is_range_checked_at_dry_run(tmp_path):
+    study = tmp_path / "study"
+    code, lines = _main_in_process("run", str(REPO / "sweeps" / "quickstart.yaml"), "--dry-run",
+                                   "--set", f"study_dir={study}", "--set", "base.tokenizer.model.num_queries=0")
+    assert code == 2 and len(lines) == 1, lines
+    assert "tokenizer.model.num_queries: 0 is out of range (must be >= 1)" in lines[0], lines[0]
+    assert not study.exists()

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.config import ConfigError, bounded, config_hash, dump_yaml, load, nonsemantic, parse_cli
 from study.fsio import atomic_write
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
@@ -61,8 +61,8 @@ class TokenizerRunConfig:
     optim: OptimConfig = field(default_factory=_default_optim)
     disc_optim: OptimConfig = field(default_factory=_default_disc_optim)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_images: int = 500  # validation images for PSNR / codebook stats
-    stats_batches: int = 50  # VFMAE: batches for the per-(channel, position) latent statistics
+    eval_images: int = bounded(500, ge=1)  # validation images for PSNR / codebook stats
+    stats_batches: int = bounded(50, ge=1)  # VFMAE: batches for the per-(channel, position) latent statistics
     # filled in automatically: every departure from the paper's method in this run (logged with the config)
     deviations: list[str] = nonsemantic(default_factory=list)
 
