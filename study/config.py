@@ -192,8 +192,10 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
             try:
                 return _convert(value, arg, key, source)
             except ConfigError as err:
-                errors.append(err.detail)
-        fail(errors[0] if len(errors) == 1 else f"expected {_type_name(tp)}, got {value!r}")
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]  # Optional[X]: X's own error, with its full key path
+        fail(f"expected {_type_name(tp)}, got {value!r}")
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)

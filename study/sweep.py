@@ -29,7 +29,7 @@ from typing import Optional
 from study import ledger
 from study.config import ConfigError, dump_yaml, flatten
 from study.ledger import ACTIVE, State
-from study.spec import get_path, load_spec
+from study.spec import get_path, load_spec, search_probes
 from study.stages import Cell, Plan, build_plan, get_kind
 from study.launch import Scheduler, StageRun, make_backend
 from study import tracking
@@ -41,6 +41,8 @@ COMMANDS = ("run", "status", "wait", "collect")
 def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
     """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
     spec = load_spec(path, overrides)
+    if spec.search:  # every value a trial can draw, typed like a cell
+        build_plan(spec, str(path), drafts=search_probes(spec))
     return build_plan(spec, str(path))
 
 

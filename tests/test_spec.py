@@ -170,7 +170,47 @@ def test_numbers_out_of_range_are_one_line_exit_2_before_anything_exists(tmp_pat
 def test_pipeline_token_count_is_range_checked_at_dry_run(tmp_path):
     study = tmp_path / "study"
     code, lines = _main_in_process("run", str(REPO / "sweeps" / "quickstart.yaml"), "--dry-run",
-                                   "--set", f"study_dir={study}", "--set", "base.tokenizer.model.num_queries=0")
+                                   "--set", f"study_dir={study}",
+                                   "--set", "axes.lists=[{tokenizer.model.kind: vfmtok, tokenizer.model.num_queries: 0}]")
     assert code == 2 and len(lines) == 1, lines
-    assert "tokenizer.model.num_queries: 0 is out of range (must be >= 1)" in lines[0], lines[0]
+    assert lines[0].endswith("axes.lists[0].tokenizer.model.num_queries: 0 is out of range (must be >= 1)"), lines[0]
     assert not study.exists()
+
+
+SEARCH = {"n_trials": 2, "metric": "toy_train/val_mse", "stages": ["toy_data", "toy_train"]}
+UP_FRONT = {
+    "name_leaves_folder": ({"name": "../../x"}, [], "name: '../../x' must be a plain name"),
+    "study_dir_placeholder": ({"study_dir": "/x/{user}"}, [],
+                              "study_dir: '/x/{user}': unknown placeholder {user} (only {name} is filled in)"),
+    "study_dir_brace": ({"study_dir": "/x/{name"}, [], "study_dir: '/x/{name': "),
+    "plugin_typo": ({"plugins": ["study.toyy"]}, [], "plugins[0]: no module named 'study.toyy' (did you mean 'study.toy'?)"),
+    "plugin_package_typo": ({"plugins": ["studdy.pipeline"]}, [], "plugins[0]: no module named 'studdy.pipeline'"),
+    "tracking_uri": ({"tracking": {"uri": "sqlit:///x.db"}}, [], "tracking.uri: 'sqlit:///x.db' is not an MLflow"),
+    "tracking_sqlite": ({"tracking": {"uri": "sqlite://x.db"}}, [], "tracking.uri: 'sqlite://x.db': a sqlite URI is"),
+    "set_on_axis": ({"axes": {"grid": {"toy.lr": [0.1, 0.2]}}}, ["base.toy.lr=0.5"],
+                    "--set: 'base.toy.lr' is also set per cell by axes.grid.toy.lr"),
+    "set_on_seed_key": ({}, ["base.seed=4"], "--set: 'base.seed' is also set per cell by seed_keys[0]"),
+    "categorical_type": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "categorical", "choices": [4, "big"]}}}},
+                         [], "search.space.toy.hidden: expected an integer, got str 'big'"),
+    "categorical_range": ({"search": {**SEARCH, "space": {"toy.train.steps": {"type": "categorical", "choices": [4, 0]}}}},
+                          [], "search.space.toy.train.steps: 0 is out of range (must be >= 1)"),
+    "categorical_list": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "categorical", "choices": [[4]]}}}},
+                         [], "search.space.toy.hidden.choices[0]: [4] is a list"),
+    "log_low_zero": ({"search": {**SEARCH, "space": {"toy.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}},
+                     [], "search.space.toy.lr.low: a log scale needs low > 0, got 0.0"),
+    "int_bounds": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "int", "low": 1.5, "high": 8}}}},
+                   [], "search.space.toy.hidden.low: an int dimension needs an integer, got 1.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UP_FRONT))
+def test_spec_problems_are_found_before_anything_is_created(tmp_path, case):
+    content, overrides, expected = UP_FRONT[case]
+    content = {**content, "stages": content.get("search", {}).pop("stages", None) or ["toy_data", "toy_train", "toy_eval"]}
+    path = write(tmp_path, content)
+    args = [x for o in overrides for x in ("--set", o)]
+    for command in (["run", "--dry-run"], ["run"], ["status"], ["collect"]):
+        code, lines = _main_in_process(command[0], str(path), *command[1:], *args)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {path}: ") and expected in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
