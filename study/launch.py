@@ -102,7 +102,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                 set_tags(tracker, item.run_ids, {f"stage.{stage.kind}": stage.id,
                                                  f"stage.{stage.kind}.job_id": job_id, **job_tags()})
             try:
-                result = kind.run(StageContext(stage.config, sdir, inputs, callbacks))
+                result = ledger.check_result(kind.run(StageContext(stage.config, sdir, inputs, callbacks)))
                 break
             except Exception as err:
                 if _is_prune(err):

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from study import ledger
 from study.config import ConfigError, from_dict, nonsemantic, to_dict
 from study.data import DataConfig, build_dataset, to_tensor_images, to_uint8
 from study.metrics.codebook import codebook_stats
@@ -351,7 +352,7 @@ def run_generator(ctx: StageContext) -> dict:
     """Train the AR GPT (VFMTok) or the flow-matching DiT (VFMAE) on the tokenizer's codes."""
     cfg: GeneratorStage = ctx.config
     tok_dir = ctx.inputs["tokenizer"].dir
-    run = generator_config(cfg, tok_dir / ctx.inputs["tokenizer"].result["codes"], ctx.dir)
+    run = generator_config(cfg, ledger.result_path(tok_dir, ctx.inputs["tokenizer"].result["codes"]), ctx.dir)
     tokenizer = load_tokenizer(tok_dir, map_location=_device())
     reference, _ = _val_images(cfg.data, cfg.eval.recon_images)
     hook = _fd_ref_hook(tokenizer, _reference(ctx), reference, cfg.eval.batch_size)

@@ -193,7 +193,7 @@ def run(plan: Plan, overrides: list[str], detach: bool = False, quiet: bool = Fa
     _check_metrics(plan)
     spec, s = plan.spec, plan.spec.search
     lock = controller_lock(plan)
-    manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
+    manifest = ledger.read_manifest(plan.root, spec.name)
     tracker = None
     if spec.tracking.enabled:
         uri = spec.tracking.uri or tracking.default_uri(plan.root)

@@ -290,7 +290,7 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
               file=sys.stderr)
         return 2
     lock = controller_lock(plan)
-    manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
+    manifest = ledger.read_manifest(plan.root, spec.name)
     tracker = open_tracking(plan, manifest)
     write_manifest(plan, manifest, overrides)
     backend = make_backend(spec.launcher, plan.root)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from study import ledger
 from study.config import flatten
 from study.training import Callback
 
@@ -164,7 +165,7 @@ def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir:
     log_artifact(tracker, run_ids, Path(stage_dir) / "config.yaml", f"stages/{kind}")
     for folder, files in (result.get("artifacts") or {}).items():
         for name in files:
-            log_artifact(tracker, run_ids, Path(stage_dir) / name, folder)
+            log_artifact(tracker, run_ids, ledger.result_path(stage_dir, name), folder)
 
 
 class MlflowCallback(Callback):

@@ -1,8 +1,10 @@
 """Robustness at the edges: concurrent writers, corrupt ledgers, untrusted files, malformed sweeps."""
+import json
 import multiprocessing
 import threading
 
 import numpy as np
+import pytest
 
 from study.fsio import atomic_write, atomic_write_text
 from study.metrics.fid import ReferenceStats
@@ -126,3 +128,108 @@ def test_trainer_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# --------------------------------------------------------------------------- corrupt ledgers, NaN results
+def _sweep(tmp_path, **extra):
+    import yaml
+    fast = {"steps": 10, "batch_size": 16, "ema_decay": 0.0, "precision": "fp32", "ckpt_every": 5, "log_every": 5}
+    spec = {"name": "t", "stages": ["toy_data", "toy_train", "toy_eval"], "study_dir": str(tmp_path / "study"),
+            "base": {"toy": {"train": fast}}, "axes": {"grid": {"toy.hidden": [4, 8]}},
+            "launcher": {"backend": "debug"}, "tracking": {"enabled": False}, "report": False, **extra}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from study.sweep import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("done")
+    path = _sweep(tmp)
+    assert _cli(path, "--quiet")[0] == 0
+    return tmp
+
+
+def _copy(finished, tmp_path):
+    import shutil
+    shutil.copytree(finished / "study", tmp_path / "study")
+    return _sweep(tmp_path)
+
+
+@pytest.mark.parametrize("victim", ["status.json", "result.json"])
+def test_a_truncated_ledger_file_fails_its_stage_by_path_and_the_rest_stays_readable(finished_sweep, tmp_path, victim):
+    from study.sweep import collect, load_plan
+    path = _copy(finished_sweep, tmp_path)
+    plan = load_plan(path)
+    train = next(s for s in plan.stages.values() if s.kind == "toy_train")  # the first cell's
+    corrupt = train.dir(plan.root) / victim
+    corrupt.write_text(corrupt.read_text()[:25])
+
+    code, out, err = _cli("status", path)
+    assert code == 1 and "Traceback" not in err
+    assert out.count("toy_train:FAILED") == 1 and out.count("toy_train:COMPLETED") == 1, out
+    code, out, _ = _cli("run", path, "--dry-run")
+    assert code == 0
+    frame = collect(plan)
+    assert sorted(frame["state"]) == ["COMPLETED", "FAILED"]
+    assert frame["toy_eval/mse"].notna().sum() == 2  # the eval results themselves are intact
+
+    code, out, err = _cli("run", path)
+    assert code == 1 and "Traceback" not in err
+    assert f"FAILED {train.key}: {corrupt}: " in out  # the reason names the file
+    code, _, err = _cli("run", path, "--quiet", "--retry-failed")
+    assert code == 0, err
+    assert json.loads(corrupt.read_text())  # written again
+
+
+def test_a_corrupt_manifest_is_reported_and_rewritten(finished_sweep, tmp_path):
+    path = _copy(finished_sweep, tmp_path)
+    manifest = tmp_path / "study" / "sweeps" / "t.json"
+    manifest.write_text("{\"cells\": [")
+    code, _, err = _cli("run", path, "--quiet")
+    assert code == 0 and f"warning: {manifest}: not valid JSON" in err
+    assert json.loads(manifest.read_text())
+
+
+def test_a_nan_result_fails_the_stage_with_the_reason(tmp_path):
+    from study import ledger
+    from study.sweep import load_plan
+    path = _sweep(tmp_path)
+    code, out, err = _cli("run", path, "--set", "base.data.noise=.inf")
+    assert code == 1
+    plan = load_plan(path, ["base.data.noise=.inf"])
+    data = next(s for s in plan.stages.values() if s.kind == "toy_data")
+    status = ledger.read_status(data.dir(plan.root))
+    assert status["state"] == ledger.State.FAILED and ledger.read_result(data.dir(plan.root)) is None
+    assert "result 'y_var' is nan" in status["errors"][-1]["error"]
+    assert "result 'y_var' is nan" in out + err
+
+
+def test_result_paths_cannot_leave_the_study_folder(tmp_path):
+    from study import ledger
+    stage = tmp_path / "study" / "stages" / "tokenizer" / "abc"
+    stage.mkdir(parents=True)
+    assert ledger.result_path(stage, "codes.pt") == (stage / "codes.pt").resolve()
+    assert ledger.result_path(stage, "../../vfm/x/weights.pt") == (tmp_path / "study/stages/vfm/x/weights.pt").resolve()
+    for bad in ("../../../../secret", "/etc/passwd"):
+        with pytest.raises(ledger.LedgerError, match="points outside the study folder"):
+            ledger.result_path(stage, bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_check_result_refuses_non_finite_numbers_anywhere(value):
+    from study import ledger
+    assert ledger.check_result({"a": 1.0, "tags": {"x": "y"}}) == {"a": 1.0, "tags": {"x": "y"}}
+    with pytest.raises(ValueError, match=r"result 'curve\[1\]' is"):
+        ledger.check_result({"a": 1.0, "curve": [0.5, value]})
