@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -286,10 +287,16 @@ def _check_range(f: dataclasses.Field, value: Any, path: str, source: str | None
                               key=path if i is None else f"{path}[{i}]")
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """Resolved type hints and init fields of a config class (resolving hints dominates the
+    cost of building a cell's configs, and a class never changes)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)

@@ -233,3 +233,89 @@ def test_check_result_refuses_non_finite_numbers_anywhere(value):
     assert ledger.check_result({"a": 1.0, "tags": {"x": "y"}}) == {"a": 1.0, "tags": {"x": "y"}}
     with pytest.raises(ValueError, match=r"result 'curve\[1\]' is"):
         ledger.check_result({"a": 1.0, "curve": [0.5, value]})
+
+
+# --------------------------------------------------------------------------- fuzzing the shipped sweeps
+STRANGE = [None, "x", "", -1, 0, -5, 1.5, -0.5, 10 ** 12, float("nan"), float("inf"), True, [], {}, [1, "a"],
+           {"k": 1}, "1e-3", "../../x", "{user}"]
+
+
+def _paths(node, prefix=()):
+    """Every (container path, key) in a parsed YAML tree."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in items:
+        yield prefix + (key,)
+        yield from _paths(value, prefix + (key,))
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _mutate(spec: dict, text: str, rng) -> tuple[str, str]:
+    """(mutated YAML text, what was done) for one random mutation."""
+    import copy
+
+    import yaml
+    spec = copy.deepcopy(spec)
+    paths = [p for p in _paths(spec) if p[0] != "study_dir"]
+    path = rng.choice(paths)
+    parent, key = _get(spec, path[:-1]), path[-1]
+    kind = rng.choice(["delete", "strange", "number", "typo", "unknown", "wrap", "duplicate", "syntax"])
+    if kind == "delete":
+        del parent[key]
+    elif kind == "strange":
+        parent[key] = rng.choice(STRANGE)
+    elif kind == "number":
+        old = parent[key]
+        parent[key] = rng.choice([-5, -1, 0, 0.5, 2 ** 40, float("nan")]) if not isinstance(old, (int, float)) \
+            else rng.choice([-old - 1, 0, old * 1000, -0.5, float("nan"), float("inf")])
+    elif kind == "typo" and isinstance(parent, dict):
+        i = rng.randrange(len(str(key)))
+        parent[str(key)[:i] + str(key)[i + 1:] + "x"] = parent.pop(key)
+    elif kind == "unknown" and isinstance(parent, dict):
+        parent[f"{key}_extra"] = 1
+    elif kind == "wrap":
+        parent[key] = [parent[key]] if rng.random() < 0.5 or not isinstance(parent[key], list) else parent[key][0:1][0:0]
+    elif kind in ("duplicate", "syntax"):
+        lines = text.splitlines()
+        candidates = [i for i, line in enumerate(lines) if ":" in line and not line.lstrip().startswith(("#", "-"))]
+        i = rng.choice(candidates)
+        if kind == "duplicate":
+            lines.insert(i + 1, lines[i])
+        else:
+            lines[i] = lines[i].replace(":", rng.choice([" :: ", ": [", ": {", ":\t"]), 1)
+        return "\n".join(lines) + "\n", f"{kind} line {i + 1}: {lines[i].strip()!r}"
+    return yaml.safe_dump(spec, sort_keys=False), f"{kind} {'.'.join(map(str, path))}"
+
+
+def test_fuzzed_shipped_sweeps_dry_run_or_fail_in_one_line(tmp_path):
+    import random
+    from pathlib import Path
+
+    from study.config import read_yaml
+    repo = Path(__file__).resolve().parents[1]
+    rng = random.Random(16)
+    study = tmp_path / "study"
+    sweeps = sorted((repo / "sweeps").glob("*.yaml"))
+    codes = []
+    for n in range(200):
+        source = sweeps[n % len(sweeps)]
+        text, what = _mutate(read_yaml(source), source.read_text(), rng)
+        text += f"\nstudy_dir: {study}/{{name}}\n"  # the shipped sweeps leave it to the default
+        path = tmp_path / f"{n:03d}-{source.name}"
+        path.write_text(text)
+        try:
+            code, out, err = _cli("run", str(path), "--dry-run")
+        except BaseException as exc:  # noqa: BLE001 - a traceback is the defect being hunted
+            pytest.fail(f"{path.name} ({what}): {type(exc).__name__}: {exc}")
+        lines = [line for line in err.splitlines() if line.strip()]
+        if code == 0:
+            assert "Nothing was run" in out, (what, out[-300:])
+        else:
+            assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), (path.name, what, err)
+        assert not study.exists(), (path.name, what)
+        codes.append(code)
+    assert 20 < codes.count(2) < 180  # the mutations exercise both outcomes
