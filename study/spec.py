@@ -217,6 +217,17 @@ class SweepSpec:
             raise ConfigError("list at least one seed", key="seeds")
         if self.search and (self.axes.grid or self.axes.zip_groups != [{}] or self.axes.lists):
             raise ConfigError("use either axes or search, not both", key="search")
+        if self.search:
+            self._check_search_metrics(self.search)
+
+    def _check_search_metrics(self, s: SearchSpec) -> None:
+        names = [(f"search.metric[{i}]" if isinstance(s.metric, list) else "search.metric", m)
+                 for i, m in enumerate(s.metrics)]
+        for key, name in names + ([("search.prune_on", s.prune_on)] if s.prune_on else []):
+            kind, _, metric = name.partition("/")
+            if kind not in self.stages or not metric:
+                raise ConfigError(f"'{name}' must be '<stage kind>/<key>' with a kind of this sweep "
+                                  f"({', '.join(self.stages)})", key=key)
 
     @property
     def root(self) -> Path:

@@ -198,6 +198,12 @@ UP_FRONT = {
                          [], "search.space.toy.hidden.choices[0]: [4] is a list"),
     "log_low_zero": ({"search": {**SEARCH, "space": {"toy.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}},
                      [], "search.space.toy.lr.low: a log scale needs low > 0, got 0.0"),
+    "metric_kind": ({"search": {**SEARCH, "metric": "toy_eval/mse", "space": {"toy.lr": {"type": "float", "low": 0.1,
+                                                                                   "high": 1}}}},
+                    [], "search.metric: 'toy_eval/mse' must be '<stage kind>/<key>' with a kind of this sweep"),
+    "prune_on_form": ({"search": {**SEARCH, "pruner": "median", "prune_on": "val_mse",
+                                  "space": {"toy.lr": {"type": "float", "low": 0.1, "high": 1}}}},
+                      [], "search.prune_on: 'val_mse' must be '<stage kind>/<key>'"),
     "int_bounds": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "int", "low": 1.5, "high": 8}}}},
                    [], "search.space.toy.hidden.low: an int dimension needs an integer, got 1.5"),
 }
