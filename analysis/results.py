@@ -64,7 +64,7 @@ def _study_uri(spec, spec_path: Path) -> str:
     """The URI the engine used: the manifest records it; else the sqlite file in the study folder
     (spec.root is relative to where the sweep was launched, so also try the spec's own folder)."""
     for root in (spec.root, spec_path.resolve().parent):
-        recorded = ledger.read_json(ledger.manifest_path(root, spec.name), {}).get("tracking", {})
+        recorded = ledger.read_manifest(root, spec.name).get("tracking", {})
         if recorded.get("uri"):
             return recorded["uri"]
         if (root / "mlflow.db").is_file():

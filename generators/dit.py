@@ -22,27 +22,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import bounded
+
 from generators.layers import RMSNorm, SwiGLU, apply_rope, rope_2d, sincos_2d
 
 
 @dataclass
 class DiTConfig:
-    in_channels: int = 8
-    grid: tuple[int, int] = (8, 8)  # latent spatial size (h, w)
-    patch_size: int = 1
-    num_classes: int = 10
-    dim: int = 128  # trunk width
-    depth: int = 4
-    heads: int = 4
-    ddt_width: int = 256  # head width (wider than the trunk)
-    ddt_depth: int = 2  # 0: plain DiT, no head
-    ddt_heads: int = 4
-    mlp_ratio: float = 4.0
-    class_dropout: float = 0.1
-    fourier_dim: int = 256
-    fourier_scale: float = 1.0
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-6
+    in_channels: int = bounded(8, ge=1)
+    grid: tuple[int, int] = bounded((8, 8), ge=1)  # latent spatial size (h, w)
+    patch_size: int = bounded(1, ge=1)
+    num_classes: int = bounded(10, ge=1)
+    dim: int = bounded(128, ge=1)  # trunk width
+    depth: int = bounded(4, ge=1)
+    heads: int = bounded(4, ge=1)
+    ddt_width: int = bounded(256, ge=1)  # head width (wider than the trunk)
+    ddt_depth: int = bounded(2, ge=0)  # 0: plain DiT, no head
+    ddt_heads: int = bounded(4, ge=1)
+    mlp_ratio: float = bounded(4.0, gt=0)
+    class_dropout: float = bounded(0.1, ge=0, lt=1)
+    fourier_dim: int = bounded(256, ge=1)
+    fourier_scale: float = bounded(1.0, gt=0)
+    rope_base: float = bounded(10000.0, gt=0)
+    norm_eps: float = bounded(1e-6, gt=0)
 
     def __post_init__(self):
         for name, width, heads in (("trunk", self.dim, self.heads), ("ddt", self.ddt_width, self.ddt_heads)):

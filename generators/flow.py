@@ -21,13 +21,15 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from study.config import bounded
+
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, y) -> v
 
 
 @dataclass
 class FlowConfig:
-    shift: Optional[float] = None  # None: max(1, sqrt(latent_dim / shift_base)); the original uses 4
-    shift_base: int = 4096
+    shift: Optional[float] = bounded(None, ge=1)  # None: max(1, sqrt(latent_dim / shift_base)); the original uses 4
+    shift_base: int = bounded(4096, ge=1)
 
     def resolve_shift(self, latent_dim: int) -> float:
         s = default_shift(latent_dim, self.shift_base) if self.shift is None else float(self.shift)

@@ -21,28 +21,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import bounded
+
 from generators.layers import RMSNorm, SwiGLU, apply_rope, find_multiple, rope_2d
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 512
-    grid: tuple[int, int] = (8, 8)  # token grid (h, w); a 1-D sequence of length L is (1, L)
-    num_classes: int = 10
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
-    ffn_hidden: Optional[int] = None  # None: find_multiple(int(8 * dim / 3), ffn_multiple_of)
-    ffn_multiple_of: int = 8  # LlamaGen uses 256; 8 keeps tiny models tiny
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    attn_dropout: float = 0.0
-    class_dropout: float = 0.1
+    vocab_size: int = bounded(512, ge=2)
+    grid: tuple[int, int] = bounded((8, 8), ge=1)  # token grid (h, w); a 1-D sequence of length L is (1, L)
+    num_classes: int = bounded(10, ge=1)
+    dim: int = bounded(128, ge=1)
+    depth: int = bounded(4, ge=1)
+    heads: int = bounded(4, ge=1)
+    ffn_hidden: Optional[int] = bounded(None, ge=1)  # None: find_multiple(int(8 * dim / 3), ffn_multiple_of)
+    ffn_multiple_of: int = bounded(8, ge=1)  # LlamaGen uses 256; 8 keeps tiny models tiny
+    norm_eps: float = bounded(1e-5, gt=0)
+    rope_base: float = bounded(10000.0, gt=0)
+    token_dropout: float = bounded(0.1, ge=0, lt=1)
+    resid_dropout: float = bounded(0.1, ge=0, lt=1)
+    ffn_dropout: float = bounded(0.1, ge=0, lt=1)
+    attn_dropout: float = bounded(0.0, ge=0, lt=1)
+    class_dropout: float = bounded(0.1, ge=0, lt=1)
     zero_cls_rope: bool = True
-    init_std: float = 0.02
+    init_std: float = bounded(0.02, gt=0)
 
     def __post_init__(self):
         if self.dim % self.heads or (self.dim // self.heads) % 4:

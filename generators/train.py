@@ -40,7 +40,7 @@ from generators.dit import DiT, DiTConfig
 from generators.flow import FlowConfig, flow_loss, sample_ode
 from generators.gpt import GPT, GPTConfig
 from generators.sampling import generate
-from study.config import ConfigError, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
+from study.config import ConfigError, bounded, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
 from study.training import Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, unwrap
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]  # (samples, labels, step) -> metrics
@@ -51,33 +51,34 @@ SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]  # (samples, labels
 class CodesConfig:
     source: Literal["cache", "random"] = "random"
     path: str = ""  # codes.pt for source "cache"
-    num_samples: int = 256  # size of the synthetic set for source "random"
-    seed: int = 0  # synthetic set seed
+    num_samples: int = bounded(256, ge=1)  # size of the synthetic set for source "random"
+    seed: int = bounded(0, ge=0)  # synthetic set seed
     flip: bool = True  # use tokens_flip / latents_flip when the file has them
 
 
 @dataclass
 class SampleConfig:
     """How `evaluate()` and `LoadedGenerator.sample()` draw samples."""
-    num_samples: int = 16  # drawn at each evaluation
-    seed: int = 0
-    val_samples: int = 64  # fixed subset of the training codes for eval/loss
+    num_samples: int = bounded(16, ge=1)  # drawn at each evaluation
+    seed: int = bounded(0, ge=0)
+    val_samples: int = bounded(64, ge=1)  # fixed subset of the training codes for eval/loss
     # GPT (sampling.generate)
-    cfg_scale: float = 1.0
+    cfg_scale: float = bounded(1.0, ge=0)
     cfg_schedule: Literal["constant", "linear"] = "constant"
     cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
+    top_k: int = bounded(0, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
     use_cache: bool = nonsemantic(True)
     compile: bool = nonsemantic(False)
     # DiT (flow.sample_ode); cfg_scale is the guidance weight w for both guidance kinds
     method: Literal["euler", "heun"] = "euler"
-    steps: int = 50
-    t_min: float = 0.001
-    cfg_t_interval: tuple[float, float] = (0.0, 1.0)
+    steps: int = bounded(50, ge=1)
+    t_min: float = bounded(0.001, ge=0, lt=1)
+    cfg_t_interval: tuple[float, float] = bounded((0.0, 1.0), ge=0, le=1)
     guidance: Literal["cfg", "autoguidance"] = "cfg"
-    guide_fraction: float = 0.1  # AutoGuidance guide = the EMA model at this fraction of train.steps
+    # AutoGuidance guide = the EMA model at this fraction of train.steps (0: no guide)
+    guide_fraction: float = bounded(0.1, ge=0, le=1)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
     if not cfg.data.path or not Path(cfg.data.path).is_file():
         raise ConfigError(f"codes file {cfg.data.path!r} not found (write it with the tokenizer, or use data.source=random)",
                           key="data.path")
-    blob = torch.load(cfg.data.path, map_location="cpu", weights_only=False)
+    blob = torch.load(cfg.data.path, map_location="cpu", weights_only=True)
     labels = blob["labels"].long()
     grid = tuple(int(v) for v in blob["grid"])
 
@@ -376,7 +377,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     if path.is_dir():
         path = path / "generator.pt"
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     cfg = from_dict(GeneratorRunConfig, blob["config"], source=str(path))
     model = build_model(cfg)
     model.load_state_dict(blob["model"])

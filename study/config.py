@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from study.fsio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -36,21 +40,94 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
-    """A dataclass field that does not affect results (excluded from `config_hash`)."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: lower bound `ge` (>=) or `gt` (>), upper bound `le`
+    (<=) or `lt` (<); None leaves that side open. NaN is never in range."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, semantic: bool = True, **kwargs) -> Any:
+    """A numeric dataclass field with its allowed range, checked when a config is parsed
+    (`from_dict`); for a list or tuple field the range applies to every item."""
+    metadata: dict[str, Any] = {} if semantic else {"semantic": False}
+    if any(b is not None for b in (ge, gt, le, lt)):
+        metadata["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
-    return dataclasses.field(metadata={"semantic": False}, **kwargs)
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def nonsemantic(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field that does not affect results (excluded from `config_hash`); takes the
+    range arguments of `bounded`."""
+    return bounded(default, semantic=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- YAML reading
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line = key, line
+        super().__init__(f"duplicate key '{key}' at line {line} (first at line {first_line}; keep one)")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the last one would silently win) and reads
+    exponent-form numbers such as `3e-3` as floats (YAML 1.1 wants `3.0e-3`, so a plain
+    SafeLoader returns the string '3e-3', which an include filter or an axis never matches)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` with StrictLoader's rules (duplicate keys, exponent floats)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a syntax error becomes a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"file not found (check the path; cwd is {Path.cwd()})", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(str(err), source=str(path), key=str(err.key)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -69,7 +146,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key.path=value", source="--set")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -116,8 +193,10 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
             try:
                 return _convert(value, arg, key, source)
             except ConfigError as err:
-                errors.append(err.detail)
-        fail(errors[0] if len(errors) == 1 else f"expected {_type_name(tp)}, got {value!r}")
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]  # Optional[X]: X's own error, with its full key path
+        fail(f"expected {_type_name(tp)}, got {value!r}")
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
@@ -161,11 +240,6 @@ def _convert(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
         fail(f"expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -202,10 +276,27 @@ def _merge_default(f: dataclasses.Field, value: Any) -> Any:
     return _deep_update(to_dict(default), value)
 
 
+def _check_range(f: dataclasses.Field, value: Any, path: str, source: str | None) -> None:
+    allowed = f.metadata.get("range")
+    if allowed is None:
+        return
+    items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item not in allowed:
+            raise ConfigError(f"{item!r} is out of range (must be {allowed})", source=source,
+                              key=path if i is None else f"{path}[{i}]")
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """Resolved type hints and init fields of a config class (resolving hints dominates the
+    cost of building a cell's configs, and a class never changes)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -214,6 +305,7 @@ def from_dict(cls: type[T], data: dict, *, source: str | None = None, prefix: st
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown key '{key}' ({fix})", source=source, key=path)
         kwargs[key] = _convert(_merge_default(fields[key], value), hints[key], path, source)
+        _check_range(fields[key], kwargs[key], path, source)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             path = f"{prefix}.{name}" if prefix else name
@@ -282,7 +374,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -193,7 +193,7 @@ def run(plan: Plan, overrides: list[str], detach: bool = False, quiet: bool = Fa
     _check_metrics(plan)
     spec, s = plan.spec, plan.spec.search
     lock = controller_lock(plan)
-    manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
+    manifest = ledger.read_manifest(plan.root, spec.name)
     tracker = open_sweep_run(plan, manifest)
     manifest.update(name=spec.name, spec=str(Path(plan.source).resolve()), overrides=overrides, search=True)
     ledger.write_json(ledger.manifest_path(plan.root, spec.name), manifest)

@@ -24,12 +24,18 @@ validate every cell with their own dataclasses.
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib.util
 import itertools
+import pkgutil
+import re
+import string
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from study.config import ConfigError, load, nonsemantic
+from study.config import ConfigError, bounded, load, nonsemantic
 
 Backend = Literal["debug", "local", "slurm"]
 
@@ -37,10 +43,10 @@ Backend = Literal["debug", "local", "slurm"]
 @dataclass
 class Resources:
     """What one job of a stage asks for; `timeout_min` also bounds the dry-run GPU-hour estimate."""
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4.0
-    timeout_min: int = 60
+    gpus: int = bounded(0, ge=0)
+    cpus: int = bounded(1, ge=1)
+    mem_gb: float = bounded(4.0, gt=0)
+    timeout_min: int = bounded(60, ge=1)
     partition: Optional[str] = None
 
 
@@ -49,14 +55,18 @@ class LauncherSpec:
     backend: Backend = "local"
     # local pool: GPU ids to hand out one job per GPU (None: all visible GPUs), and a cap on
     # concurrent jobs (None: one per GPU, or one per CPU core when no GPU is used)
-    gpus: Optional[list[int]] = None
-    max_parallel: Optional[int] = None
+    gpus: Optional[list[int]] = bounded(None, ge=0)
+    max_parallel: Optional[int] = bounded(None, ge=1)
     # slurm: chunk arrays to this size (None: the site's MaxArraySize from `scontrol show config`)
-    max_array_size: Optional[int] = None
-    array_parallelism: int = 256
-    retries: int = 0  # app-level retries inside a job (a Python exception), error kept in status.json
+    max_array_size: Optional[int] = bounded(None, ge=1)
+    array_parallelism: int = bounded(256, ge=1)
+    retries: int = bounded(0, ge=0)  # app-level retries inside a job (a Python exception), error kept in status.json
     submitit: dict[str, Any] = field(default_factory=dict)  # extra AutoExecutor params, e.g. slurm_qos
-    poll_s: float = 2.0
+    poll_s: float = bounded(2.0, gt=0)
+
+
+# MLflow tracking URI schemes (a scheme may carry a driver: postgresql+psycopg2://...)
+TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 @dataclass
@@ -64,6 +74,17 @@ class TrackingSpec:
     enabled: bool = True
     uri: Optional[str] = None  # None: sqlite:///<study_dir>/mlflow.db; http://host:port for a server
     experiment: Optional[str] = None  # None: the sweep name
+
+    def __post_init__(self):
+        if self.uri is None:
+            return
+        scheme = urllib.parse.urlsplit(self.uri).scheme.split("+")[0]
+        if not self.uri.strip() or (scheme and scheme not in TRACKING_SCHEMES):
+            raise ConfigError(f"{self.uri!r} is not an MLflow tracking URI (use null for the study's sqlite "
+                              f"file, a path, or {', '.join(s + '://' for s in TRACKING_SCHEMES)})", key="uri")
+        if scheme == "sqlite" and not self.uri.startswith("sqlite:///"):
+            raise ConfigError(f"{self.uri!r}: a sqlite URI is sqlite:///relative/path or sqlite:////absolute/path",
+                              key="uri")
 
 
 @dataclass
@@ -73,29 +94,46 @@ class ParamSpec:
     low: Optional[float] = None
     high: Optional[float] = None
     log: bool = False
-    step: Optional[float] = None
+    step: Optional[float] = bounded(None, gt=0)
     choices: Optional[list[Any]] = None
 
     def __post_init__(self):
         if self.type == "categorical":
-            if not self.choices:
-                raise ConfigError("categorical needs a non-empty 'choices' list", key="choices")
+            self._check_choices()
         elif self.low is None or self.high is None:
             raise ConfigError(f"{self.type} needs 'low' and 'high'", key="low")
         elif self.low > self.high:
             raise ConfigError(f"low={self.low} is above high={self.high}", key="low")
+        elif self.log and self.low <= 0:
+            raise ConfigError(f"a log scale needs low > 0, got {self.low}", key="low")
+        elif self.log and self.step is not None and not (self.type == "int" and self.step == 1):
+            raise ConfigError("a log scale takes no 'step' (Optuna samples it continuously)", key="step")
+        elif self.type == "int":
+            for name in ("low", "high", "step"):
+                value = getattr(self, name)
+                if value is not None and not float(value).is_integer():
+                    raise ConfigError(f"an int dimension needs an integer, got {value}", key=name)
+
+    def _check_choices(self) -> None:
+        if not self.choices:
+            raise ConfigError("categorical needs a non-empty 'choices' list", key="choices")
+        for i, choice in enumerate(self.choices):
+            # what Optuna can store; a list or mapping would only fail inside the first trial
+            if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                raise ConfigError(f"{choice!r} is a {type(choice).__name__}; choices must be numbers, strings, "
+                                  "booleans or null", key=f"choices[{i}]")
 
 
 @dataclass
 class SearchSpec:
-    n_trials: int
+    n_trials: int = bounded(ge=1)
     metric: Union[str, list[str]]  # "<stage kind>/<result key>", a list for multi-objective
     direction: Union[Literal["minimize", "maximize"], list[Literal["minimize", "maximize"]]] = "minimize"
     space: dict[str, ParamSpec] = field(default_factory=dict)
     sampler: Literal["tpe", "random", "grid", "nsga2"] = "tpe"  # grid = exhaustive (BruteForceSampler)
     pruner: Literal["none", "median", "hyperband"] = "none"
     prune_on: Optional[str] = None  # "<stage kind>/<training metric>" reported at each log step
-    startup_trials: int = 5  # median pruner: prune nothing until this many trials finished
+    startup_trials: int = bounded(5, ge=0)  # median pruner: prune nothing until this many trials finished
     storage: Optional[str] = None  # None: JournalFileBackend at <study_dir>/optuna.journal; or an RDB URL
     study_name: Optional[str] = None  # None: the sweep name
     seed: Optional[int] = None
@@ -110,8 +148,6 @@ class SearchSpec:
         return [d] * len(self.metrics) if isinstance(d, str) else list(d)
 
     def __post_init__(self):
-        if self.n_trials < 1:
-            raise ConfigError("must be at least 1", key="n_trials")
         if not self.space:
             raise ConfigError("declare at least one dimension (key.path: {type: float, low: .., high: ..})",
                               key="space")
@@ -156,7 +192,7 @@ class SweepSpec:
     stages: list[str]
     base: dict[str, Any] = field(default_factory=dict)
     axes: Axes = field(default_factory=Axes)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = bounded(ge=0, default_factory=lambda: [0])
     seed_keys: list[str] = field(default_factory=lambda: ["seed"])
     include: list[dict[str, Any]] = field(default_factory=list)
     exclude: list[dict[str, Any]] = field(default_factory=list)
@@ -169,12 +205,30 @@ class SweepSpec:
     study_dir: str = nonsemantic("studies/{name}")  # stage cache + ledger + mlflow db; {name} is filled in
 
     def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            # the name becomes file names inside the study folder (manifest, lock, experiment)
+            raise ConfigError(f"{self.name!r} must be a plain name (letters, digits, '_', '-', '.'; "
+                              "no '/', no leading '.')", key="name")
+        _check_study_dir(self.study_dir)
+        for i, module in enumerate(self.plugins):
+            _check_plugin(module, f"plugins[{i}]")
         if not self.stages:
             raise ConfigError("list at least one stage kind", key="stages")
         if not self.seeds:
             raise ConfigError("list at least one seed", key="seeds")
         if self.search and (self.axes.grid or self.axes.zip_groups != [{}] or self.axes.lists):
             raise ConfigError("use either axes or search, not both", key="search")
+        if self.search:
+            self._check_search_metrics(self.search)
+
+    def _check_search_metrics(self, s: SearchSpec) -> None:
+        names = [(f"search.metric[{i}]" if isinstance(s.metric, list) else "search.metric", m)
+                 for i, m in enumerate(s.metrics)]
+        for key, name in names + ([("search.prune_on", s.prune_on)] if s.prune_on else []):
+            kind, _, metric = name.partition("/")
+            if kind not in self.stages or not metric:
+                raise ConfigError(f"'{name}' must be '<stage kind>/<key>' with a kind of this sweep "
+                                  f"({', '.join(self.stages)})", key=key)
 
     @property
     def root(self) -> Path:
@@ -184,9 +238,72 @@ class SweepSpec:
         return self.resources.get(kind, Resources())
 
 
+def _check_study_dir(template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ConfigError(f"{template!r}: {err} (write a literal brace as '{{{{' or '}}}}')", key="study_dir") from None
+    unknown = [f for f in fields if f != "name"]
+    if unknown:
+        raise ConfigError(f"{template!r}: unknown placeholder {{{unknown[0]}}} (only {{name}} is filled in)",
+                          key="study_dir")
+
+
+def _check_plugin(module: str, key: str) -> None:
+    """The module exists (found without importing it); else a did-you-mean among its siblings."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # the parent package is missing, or an empty name
+        found = False
+    if found:
+        return
+    parent, _, _ = module.rpartition(".")
+    siblings = []
+    try:
+        spec = importlib.util.find_spec(parent) if parent else None
+        if spec and spec.submodule_search_locations:
+            siblings = [f"{parent}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    except (ImportError, ValueError):
+        pass
+    hint = difflib.get_close_matches(module, siblings, n=1)
+    fix = f"did you mean '{hint[0]}'?" if hint else "a module path importable from here, e.g. study.pipeline"
+    raise ConfigError(f"no module named '{module}' ({fix})", key=key)
+
+
+def axis_keys(spec: SweepSpec) -> dict[str, str]:
+    """Key path set per cell -> where the spec sets it (axes, seed keys, search space)."""
+    out = {k: f"axes.grid.{k}" for k in spec.axes.grid}
+    for i, group in enumerate(spec.axes.zip_groups):
+        out.update({k: (f"axes.zip[{i}].{k}" if isinstance(spec.axes.zip, list) else f"axes.zip.{k}")
+                    for k in group})
+    for i, item in enumerate(spec.axes.lists):
+        out.update({k: f"axes.lists[{i}].{k}" for k in item})
+    for i, k in enumerate(spec.seed_keys):
+        out[k] = f"seed_keys[{i}]"
+    if spec.search:
+        out.update({k: f"search.space.{k}" for k in spec.search.space})
+    return out
+
+
+def _check_overrides(spec: SweepSpec, overrides: list[str], source: str) -> None:
+    """`--set base.K=v` where K is also an axis would be overwritten in every cell."""
+    axes = axis_keys(spec)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not key.startswith("base."):
+            continue
+        path = key.removeprefix("base.")
+        where = next((w for k, w in axes.items() if path == k or path.startswith(k + ".")), None)
+        if where:
+            raise ConfigError(f"'{key}' is also set per cell by {where}, which would override it "
+                              f"(change {where} instead)", source=source, key="--set")
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read and type-check the spec file (no side effects); errors are one-line ConfigErrors."""
-    return load(SweepSpec, path, overrides)
+    spec = load(SweepSpec, path, overrides)
+    _check_overrides(spec, overrides or [], str(path))
+    return spec
 
 
 # --------------------------------------------------------------------------- dotted key paths
@@ -251,4 +368,23 @@ def expand(spec: SweepSpec, source: str | None = None) -> list[CellDraft]:
     drafts = [d for d in drafts if not any(_matches(d.values, d.config, c) for c in spec.exclude)]
     if not drafts:
         raise ConfigError("include/exclude leave no cell to run", source=source, key="include")
+    return drafts
+
+
+def search_probes(spec: SweepSpec) -> list[CellDraft]:
+    """One draft per categorical choice and per int/float bound of the search space, each on the
+    base config: building them checks every value a trial can draw against its field's type and
+    range before any trial runs."""
+    if not spec.search:
+        return []
+    drafts = []
+    for key, p in spec.search.space.items():
+        values = p.choices if p.type == "categorical" else [p.low, p.high]
+        for value in values:
+            value = int(value) if p.type == "int" else value
+            config = copy.deepcopy(spec.base)
+            for seed_key in spec.seed_keys:
+                set_path(config, seed_key, spec.seeds[0])
+            set_path(config, key, value)
+            drafts.append(CellDraft({key: value}, config))
     return drafts

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, get_args, get_origin
 
 from study import ledger, schema
 from study.config import ConfigError, config_hash, from_dict
-from study.spec import CellDraft, Resources, SweepSpec, expand
+from study.spec import CellDraft, Resources, SweepSpec, axis_keys, expand
 from study.training import Callback
 
 # the study's own chain: its kinds are known by name (study.schema), its module is imported
@@ -182,21 +182,6 @@ class Plan:
         return self.spec.root
 
 
-def _axis_origins(spec: SweepSpec) -> dict[str, str]:
-    """Key path -> where the spec sets it, so that errors point at the axis, not at `base`."""
-    out = {k: f"axes.grid.{k}" for k in spec.axes.grid}
-    for i, group in enumerate(spec.axes.zip_groups):
-        out.update({k: (f"axes.zip[{i}].{k}" if isinstance(spec.axes.zip, list) else f"axes.zip.{k}")
-                    for k in group})
-    for i, item in enumerate(spec.axes.lists):
-        out.update({k: f"axes.lists[{i}].{k}" for k in item})
-    for i, k in enumerate(spec.seed_keys):
-        out[k] = f"seed_keys[{i}]"
-    if spec.search:
-        out.update({k: f"search.space.{k}" for k in spec.search.space})
-    return out
-
-
 def _check_key_path(key: str, kinds: list[StageKind]) -> Optional[str]:
     """None if some stage kind's schema has `key`; else a problem with a did-you-mean fix."""
     section, *rest = key.split(".")
@@ -244,7 +229,7 @@ def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = No
             hint = difflib.get_close_matches(name, spec.stages, n=1)
             fail(f"no stage '{name}' in this sweep" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
                  f"resources.{name}")
-    origins = _axis_origins(spec)
+    origins = axis_keys(spec)
     for key, where in origins.items():
         problem = _check_key_path(key, kinds)
         if problem:

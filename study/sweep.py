@@ -29,7 +29,7 @@ from study.config import ConfigError, dump_yaml
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               open_tracking, stage_runs)
 from study.ledger import ACTIVE, State
-from study.spec import load_spec
+from study.spec import load_spec, search_probes
 from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
 
 COMMANDS = ("run", "status", "wait", "collect")
@@ -39,6 +39,8 @@ COMMANDS = ("run", "status", "wait", "collect")
 def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
     """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
     spec = load_spec(path, overrides)
+    if spec.search:  # every value a trial can draw, typed like a cell
+        build_plan(spec, str(path), drafts=search_probes(spec))
     return build_plan(spec, str(path))
 
 
@@ -200,7 +202,7 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
               file=sys.stderr)
         return 2
     lock = controller_lock(plan)
-    manifest = ledger.read_json(ledger.manifest_path(plan.root, spec.name), {})
+    manifest = ledger.read_manifest(plan.root, spec.name)
     tracker = open_tracking(plan, manifest)
     write_manifest(plan, manifest, overrides)
     backend = make_backend(spec.launcher, plan.root)

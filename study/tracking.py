@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from study import schema
+from study import ledger, schema
 from study.config import flatten
 from study.stages import StageResult
 from study.training import Callback
@@ -165,7 +165,7 @@ def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir:
     log_artifact(tracker, run_ids, Path(stage_dir) / schema.STAGE_CONFIG, schema.stage_config_artifact_dir(kind))
     for folder, files in result.artifacts.items():
         for name in files:
-            log_artifact(tracker, run_ids, Path(stage_dir) / name, folder)
+            log_artifact(tracker, run_ids, ledger.result_path(stage_dir, name), folder)
 
 
 class MlflowCallback(Callback):

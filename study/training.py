@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from study.config import nonsemantic
+from study.config import bounded, nonsemantic
+from study.fsio import atomic_write
 
 
 # --------------------------------------------------------------------------- configs
@@ -38,29 +39,29 @@ from study.config import nonsemantic
 class OptimConfig:
     """One optimiser. `weight_decay` applies to >=2-D weights only (LlamaGen/nanoGPT rule)."""
     name: Literal["adam", "adamw"] = "adamw"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = bounded(1e-4, gt=0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear decay
-    grad_clip: float = 1.0  # 0 disables clipping
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final lr / lr for cosine and linear decay
+    grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # global batch; each of W ranks gets batch_size // W
-    seed: int = 0
+    steps: int = bounded(1000, ge=1)
+    batch_size: int = bounded(64, ge=1)  # global batch; each of W ranks gets batch_size // W
+    seed: int = bounded(0, ge=0)
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast is used on CUDA only
-    ema_decay: float = 0.999  # 0 disables EMA
-    eval_every: int = 0  # 0: evaluate only at the end
+    ema_decay: float = bounded(0.999, ge=0, lt=1)  # 0 disables EMA
+    eval_every: int = bounded(0, ge=0)  # 0: evaluate only at the end
     device: str = nonsemantic("auto")  # auto | cpu | cuda | cuda:N
     compile: bool = nonsemantic(False)
-    ckpt_every: int = nonsemantic(500)
-    keep_checkpoints: int = nonsemantic(2)
-    log_every: int = nonsemantic(10)
+    ckpt_every: int = nonsemantic(500, ge=1)
+    keep_checkpoints: int = nonsemantic(2, ge=1)
+    log_every: int = nonsemantic(10, ge=1)
     progress: bool = nonsemantic(True)
     out_dir: str = nonsemantic("outputs/run")
 
@@ -144,7 +145,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, made of tensors and plain Python values only, so that a
+    checkpoint loads with `torch.load(weights_only=True)`."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,7 +157,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -263,7 +269,7 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             return
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         for name, opt in self.optimizers.items():
@@ -294,12 +300,8 @@ class Trainer:
         }
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        last_tmp = self.ckpt_dir / "last.tmp"
-        torch.save(state, last_tmp)
-        os.replace(last_tmp, self.ckpt_dir / "last.pt")  # atomic: a kill never leaves half a file
+        for target in (path, self.ckpt_dir / "last.pt"):  # a kill never leaves half a file
+            atomic_write(target, lambda handle: torch.save(state, handle))
         kept = sorted(self.ckpt_dir.glob("step_*.pt"))
         for old in kept[: max(0, len(kept) - self.cfg.keep_checkpoints)]:
             old.unlink()

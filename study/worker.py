@@ -92,6 +92,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                 result = kind.run(StageContext(stage.config, sdir, inputs, callbacks))
                 if not isinstance(result, StageResult):
                     raise TypeError(f"stage kind '{stage.kind}' returned {type(result).__name__}, not a StageResult")
+                ledger.check_result(result.to_json())  # NaN / inf fail the stage, naming the key
                 break
             except Exception as err:
                 if _is_prune(err):

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from study.config import ConfigError, config_hash, flatten, load, nonsemantic, parse_cli
+from study.config import ConfigError, bounded, config_hash, flatten, load, nonsemantic, parse_cli
 
 
 @dataclass
@@ -96,3 +96,67 @@ class Preset:
 def test_partial_mapping_updates_the_default_instead_of_replacing_it():
     cfg = load(Preset, data={"optim": {"lr": 1e-3}})
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+
+
+# --------------------------------------------------------------------------- strict YAML
+def test_duplicate_key_is_an_error_naming_file_key_and_lines(tmp_path):
+    path = write(tmp_path, "name: a\noptim:\n  lr: 1e-3\n  betas: [0.8, 0.9]\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load(Run, path)
+    assert str(err.value) == f"{path}: lr: duplicate key 'lr' at line 5 (first at line 3; keep one)"
+    with pytest.raises(ConfigError, match="duplicate key 'name' at line 2"):
+        load(Run, write(tmp_path, "name: a\nname: b\n"))
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = write(tmp_path, "defaults: &d {lr: 0.5}\nname: a\noptim:\n  <<: *d\n  lr: 0.25\n")
+    from study.config import read_yaml
+    assert read_yaml(path)["optim"] == {"lr": 0.25}
+
+
+@pytest.mark.parametrize("text, value", [("3e-3", 3e-3), ("1E5", 1e5), ("-2.5e+2", -250.0), (".5e1", 5.0)])
+def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path, text, value):
+    from study.config import parse_override, read_yaml
+    data = read_yaml(write(tmp_path, f"x: {text}\nys: [{text}, 1, '3e-3']\n"))
+    assert data == {"x": value, "ys": [value, 1, "3e-3"]} and isinstance(data["x"], float)
+    assert parse_override(f"a.b=[{text}]") == ("a.b", [value])
+    assert read_yaml(write(tmp_path, "n: 3\nv: 1.0.0\n")) == {"n": 3, "v": "1.0.0"}  # ints/versions unchanged
+
+
+# --------------------------------------------------------------------------- ranges
+@dataclass
+class Ranged:
+    steps: int = bounded(10, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    temperature: float = bounded(1.0, gt=0)
+    ids: list[int] = bounded(default_factory=list, ge=0)
+    every: int = nonsemantic(5, ge=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: 0", "steps: 0 is out of range (must be >= 1)"),
+    ("dropout: 1.0", "dropout: 1.0 is out of range (must be in [0, 1))"),
+    ("dropout: -0.5", "dropout: -0.5 is out of range (must be in [0, 1))"),
+    ("temperature: 0", "temperature: 0.0 is out of range (must be > 0)"),
+    ("temperature: .inf", None),
+    ("temperature: .nan", "temperature: nan is out of range (must be > 0)"),
+    ("ids: [0, 3, -1]", "ids[2]: -1 is out of range (must be >= 0)"),
+    ("every: 0", "every: 0 is out of range (must be >= 1)"),
+])
+def test_ranges_are_checked_at_parse_time_with_file_key_value_and_range(tmp_path, text, message):
+    path = write(tmp_path, text + "\n")
+    if message is None:
+        assert load(Ranged, path).temperature == float("inf")
+        return
+    with pytest.raises(ConfigError) as err:
+        load(Ranged, path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_range_metadata_keeps_defaults_and_hash_semantics():
+    from study.config import Range
+    assert Ranged() == Ranged(10, 0.1, 1.0, [], 5)
+    assert config_hash(Ranged()) == config_hash(Ranged(every=7))  # nonsemantic stays out of the hash
+    assert 0 in Range(ge=0) and 0 not in Range(gt=0) and 1 not in Range(ge=0, lt=1) and 1 in Range(gt=0, le=1)
+    assert float("nan") not in Range(ge=0)
+    assert [str(Range(ge=0)), str(Range(gt=0, le=1)), str(Range(lt=2))] == [">= 0", "in (0, 1]", "< 2"]

@@ -77,6 +77,7 @@ def _cli(tmp_path, *args):
 
 MALFORMED = {
     "yaml_syntax": ("name: t\nstages: [toy_data\n", "YAML syntax error"),
+    "duplicate_key": ("name: t\nstages: [toy_data]\nname: u\n", "name: duplicate key 'name' at line 3 (first at line 1"),
     "unknown_key": ({"launcher": {"backnd": "local"}}, "launcher.backnd: unknown key 'backnd' (did you mean 'backend'?)"),
     "wrong_type": ({"axes": {"grid": {"toy.lr": [0.1, "fast"]}}}, "axes.grid.toy.lr: expected a number"),
     "unknown_stage": ({"stages": ["toy_data", "toy_trian"]}, "stages[1]: unknown stage kind 'toy_trian' (did you mean 'toy_train'?)"),
@@ -127,3 +128,97 @@ def test_bad_override_and_filter_typo_name_their_key(tmp_path):
 def test_example_sweep_loads():
     plan = load_plan(str(REPO / "sweeps" / "toy.yaml"))
     assert len(plan.cells) == 8 and sum(s.kind == "toy_data" for s in plan.stages.values()) == 1
+
+
+def test_exponent_floats_in_axes_and_filters_match(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: t\nstages: [toy_data, toy_train, toy_eval]\nstudy_dir: {tmp_path / 'study'}\n"
+                    "axes: {grid: {toy.lr: [1e-2, 3e-3]}}\ninclude: [{toy.lr: 3e-3}]\n")
+    plan = load_plan(str(path))
+    assert [c.values["toy.lr"] for c in plan.cells] == [3e-3]
+
+
+def _main_in_process(*args) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, [line for line in buf.getvalue().splitlines() if line.strip()]
+
+
+OUT_OF_RANGE = {
+    "base.toy.train.steps=-5": "base.toy.train.steps: -5 is out of range (must be >= 1)",
+    "resources.toy_train.gpus=-1": "resources.toy_train.gpus: -1 is out of range (must be >= 0)",
+    "resources.toy_train.mem_gb=-4": "resources.toy_train.mem_gb: -4.0 is out of range (must be > 0)",
+    "resources.toy_train.cpus=0": "resources.toy_train.cpus: 0 is out of range (must be >= 1)",
+    "launcher.poll_s=-1": "launcher.poll_s: -1.0 is out of range (must be > 0)",
+    "launcher.retries=-1": "launcher.retries: -1 is out of range (must be >= 0)",
+    "launcher.gpus=[0,-2]": "launcher.gpus[1]: -2 is out of range (must be >= 0)",
+    "base.toy.train.ema_decay=1.5": "base.toy.train.ema_decay: 1.5 is out of range (must be in [0, 1))",
+    "base.toy.train.ema_decay=.nan": "base.toy.train.ema_decay: nan is out of range (must be in [0, 1))",
+}
+
+
+@pytest.mark.parametrize("override", sorted(OUT_OF_RANGE))
+def test_numbers_out_of_range_are_one_line_exit_2_before_anything_exists(tmp_path, override):
+    path = write(tmp_path, {})
+    for command in ("run", "status"):
+        code, lines = _main_in_process(command, str(path), "--set", override)
+        assert code == 2 and lines == [f"error: {path}: {OUT_OF_RANGE[override]}"], lines
+    assert not (tmp_path / "study").exists()
+
+
+def test_pipeline_token_count_is_range_checked_at_dry_run(tmp_path):
+    study = tmp_path / "study"
+    code, lines = _main_in_process("run", str(REPO / "sweeps" / "quickstart.yaml"), "--dry-run",
+                                   "--set", f"study_dir={study}",
+                                   "--set", "axes.lists=[{tokenizer.model.kind: vfmtok, tokenizer.model.num_queries: 0}]")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("axes.lists[0].tokenizer.model.num_queries: 0 is out of range (must be >= 1)"), lines[0]
+    assert not study.exists()
+
+
+SEARCH = {"n_trials": 2, "metric": "toy_train/val_mse", "stages": ["toy_data", "toy_train"]}
+UP_FRONT = {
+    "name_leaves_folder": ({"name": "../../x"}, [], "name: '../../x' must be a plain name"),
+    "study_dir_placeholder": ({"study_dir": "/x/{user}"}, [],
+                              "study_dir: '/x/{user}': unknown placeholder {user} (only {name} is filled in)"),
+    "study_dir_brace": ({"study_dir": "/x/{name"}, [], "study_dir: '/x/{name': "),
+    "plugin_typo": ({"plugins": ["study.toyy"]}, [], "plugins[0]: no module named 'study.toyy' (did you mean 'study.toy'?)"),
+    "plugin_package_typo": ({"plugins": ["studdy.pipeline"]}, [], "plugins[0]: no module named 'studdy.pipeline'"),
+    "tracking_uri": ({"tracking": {"uri": "sqlit:///x.db"}}, [], "tracking.uri: 'sqlit:///x.db' is not an MLflow"),
+    "tracking_sqlite": ({"tracking": {"uri": "sqlite://x.db"}}, [], "tracking.uri: 'sqlite://x.db': a sqlite URI is"),
+    "set_on_axis": ({"axes": {"grid": {"toy.lr": [0.1, 0.2]}}}, ["base.toy.lr=0.5"],
+                    "--set: 'base.toy.lr' is also set per cell by axes.grid.toy.lr"),
+    "set_on_seed_key": ({}, ["base.seed=4"], "--set: 'base.seed' is also set per cell by seed_keys[0]"),
+    "categorical_type": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "categorical", "choices": [4, "big"]}}}},
+                         [], "search.space.toy.hidden: expected an integer, got str 'big'"),
+    "categorical_range": ({"search": {**SEARCH, "space": {"toy.train.steps": {"type": "categorical", "choices": [4, 0]}}}},
+                          [], "search.space.toy.train.steps: 0 is out of range (must be >= 1)"),
+    "categorical_list": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "categorical", "choices": [[4]]}}}},
+                         [], "search.space.toy.hidden.choices[0]: [4] is a list"),
+    "log_low_zero": ({"search": {**SEARCH, "space": {"toy.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}},
+                     [], "search.space.toy.lr.low: a log scale needs low > 0, got 0.0"),
+    "metric_kind": ({"search": {**SEARCH, "metric": "toy_eval/mse", "space": {"toy.lr": {"type": "float", "low": 0.1,
+                                                                                   "high": 1}}}},
+                    [], "search.metric: 'toy_eval/mse' must be '<stage kind>/<key>' with a kind of this sweep"),
+    "prune_on_form": ({"search": {**SEARCH, "pruner": "median", "prune_on": "val_mse",
+                                  "space": {"toy.lr": {"type": "float", "low": 0.1, "high": 1}}}},
+                      [], "search.prune_on: 'val_mse' must be '<stage kind>/<key>'"),
+    "int_bounds": ({"search": {**SEARCH, "space": {"toy.hidden": {"type": "int", "low": 1.5, "high": 8}}}},
+                   [], "search.space.toy.hidden.low: an int dimension needs an integer, got 1.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UP_FRONT))
+def test_spec_problems_are_found_before_anything_is_created(tmp_path, case):
+    content, overrides, expected = UP_FRONT[case]
+    content = {**content, "stages": content.get("search", {}).pop("stages", None) or ["toy_data", "toy_train", "toy_eval"]}
+    path = write(tmp_path, content)
+    args = [x for o in overrides for x in ("--set", o)]
+    for command in (["run", "--dry-run"], ["run"], ["status"], ["collect"]):
+        code, lines = _main_in_process(command[0], str(path), *command[1:], *args)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {path}: ") and expected in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

@@ -293,7 +293,7 @@ def test_train_load_encode_decode_export(kind, tmp_path):
     cfg = small_cfg(tmp_path / "run", *extra)
     model, metrics = train(cfg)
     assert "val/psnr" in metrics and any("semantic" in d or "perceptual" in d for d in cfg.deviations)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert not any("vfm" in k or "backbone" in k for k in state["ema"])  # frozen VFM stripped
     assert not any("backbone" in k for k in state["modules"]["disc"])
     loaded = load_tokenizer(tmp_path / "run")
@@ -311,7 +311,7 @@ def test_train_load_encode_decode_export(kind, tmp_path):
     val = build_dataset(cfg.data, "val")
     payload = export_codes(loaded, val, tmp_path / "codes.pt")
     key = "tokens" if kind == "vfmtok" else "latents"
-    saved = torch.load(tmp_path / "codes.pt", weights_only=False)
+    saved = torch.load(tmp_path / "codes.pt", weights_only=True)
     assert saved[key].shape[0] == len(val) and saved[f"{key}_flip"].shape == saved[key].shape
     assert saved["labels"].shape == (len(val),) and saved["grid"] == (4, 4) and isinstance(saved["tokenizer_id"], str)
     assert not torch.equal(saved[key], saved[f"{key}_flip"])

@@ -94,5 +94,5 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     single = torch.load(tmp_path / "single" / "final.pt")
     for name in single:
         assert torch.allclose(ddp[name], single[name], atol=1e-5), name
-    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 12 and len(ckpt["rng"]) == 2

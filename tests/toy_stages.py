@@ -124,7 +124,7 @@ class _Regression(TrainTask):
 @register_stage("toy_train", TrainStage, needs=("toy_data",), validate=_check_train)
 def run_train(ctx: StageContext) -> StageResult:
     torch.set_num_threads(1)  # many toy jobs share a couple of cores
-    data = torch.load(ctx.inputs["toy_data"].dir / "data.pt")
+    data = torch.load(ctx.inputs["toy_data"].dir / "data.pt", weights_only=True)
     tcfg = dataclasses.replace(ctx.config.toy.train, seed=ctx.config.seed, out_dir=str(ctx.dir))
     trainer = Trainer(tcfg, _Regression(ctx.config.toy, data, ctx.config.seed), ctx.callbacks)
     model = trainer.fit()
@@ -135,8 +135,8 @@ def run_train(ctx: StageContext) -> StageResult:
 
 @register_stage("toy_eval", EvalStage, needs=("toy_data", "toy_train"))
 def run_eval(ctx: StageContext) -> StageResult:
-    data = torch.load(ctx.inputs["toy_data"].dir / "data.pt")
-    state = torch.load(ctx.inputs["toy_train"].dir / "model.pt")
+    data = torch.load(ctx.inputs["toy_data"].dir / "data.pt", weights_only=True)
+    state = torch.load(ctx.inputs["toy_train"].dir / "model.pt", weights_only=True)
     hidden, dim = state["0.weight"].shape
     model = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
     model.load_state_dict(state)

@@ -22,26 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.config import ConfigError
+from study.config import ConfigError, bounded
 
 
 @dataclass
 class LossConfig:
     pixel: Literal["l2", "l1"] = "l2"
     always_add_mse: bool = True  # official-code quirk: l2 -> 2 x MSE
-    pixel_weight: float = 1.0
+    pixel_weight: float = bounded(1.0, ge=0)
     perceptual: Literal["lpips", "feature_matching", "none"] = "feature_matching"
-    perceptual_weight: float = 1.0
+    perceptual_weight: float = bounded(1.0, ge=0)
     lpips_vgg_path: Optional[str] = None  # local VGG16 state_dict for the lpips package
-    semantic_weight: float = 1.0  # 0 disables the semantic objective (with model.semantic: false)
-    vq_weight: float = 1.0  # weight of (codebook + beta * commit)
-    gan_weight: float = 0.5  # 0 disables the discriminator entirely
-    gan_start: float = 0.4  # < 1: fraction of train.steps; >= 1: absolute step
+    semantic_weight: float = bounded(1.0, ge=0)  # 0 disables the semantic objective (with model.semantic: false)
+    vq_weight: float = bounded(1.0, ge=0)  # weight of (codebook + beta * commit)
+    gan_weight: float = bounded(0.5, ge=0)  # 0 disables the discriminator entirely
+    gan_start: float = bounded(0.4, ge=0)  # < 1: fraction of train.steps; >= 1: absolute step
 
     def __post_init__(self):
-        for name in ("pixel_weight", "perceptual_weight", "semantic_weight", "vq_weight", "gan_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
         if self.perceptual == "lpips":
             if self.lpips_vgg_path is None or not Path(self.lpips_vgg_path).is_file():
                 raise ConfigError("perceptual 'lpips' needs a local VGG16 weight file (set loss.lpips_vgg_path, "
@@ -85,7 +82,7 @@ class LPIPSLoss(nn.Module):
         import torchvision
         self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu"))
+        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
         # lpips slices vgg.features into 5 stages; copy the local weights into them
         feats = vgg.features
         for stage in (self.net.net.slice1, self.net.net.slice2, self.net.net.slice3, self.net.net.slice4, self.net.net.slice5):

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from study.config import ConfigError
+from study.config import ConfigError, bounded
 from tokenizer.decoder import CNNUpsampler, ViTDecoder
 from tokenizer.quantizer import ContinuousBottleneck, CosineVQ
 from tokenizer.sampler import GridSampler, RegionSampler
@@ -35,31 +35,31 @@ from tokenizer.sampler import GridSampler, RegionSampler
 class TokenizerConfig:
     kind: Literal["vfmtok", "vfmae"] = "vfmtok"
     sampler: Literal["region", "grid"] = "region"  # grid = ablation without region-adaptive sampling
-    image_size: int = 32
-    num_queries: int = 64  # N tokens on a sqrt(N) x sqrt(N) anchor grid
-    dim: int = 128
-    enc_depth: int = 2
-    enc_heads: int = 4
-    enc_points: int = 4
-    enc_ffn: int = 256
+    image_size: int = bounded(32, ge=1)
+    num_queries: int = bounded(64, ge=1)  # N tokens on a sqrt(N) x sqrt(N) anchor grid
+    dim: int = bounded(128, ge=1)
+    enc_depth: int = bounded(2, ge=1)
+    enc_heads: int = bounded(4, ge=1)
+    enc_points: int = bounded(4, ge=1)
+    enc_ffn: int = bounded(256, ge=1)
     # discrete bottleneck
-    codebook_size: int = 512
-    code_dim: int = 8
-    beta: float = 0.25
-    usage_buffer: int = 65536
+    codebook_size: int = bounded(512, ge=1)
+    code_dim: int = bounded(8, ge=1)
+    beta: float = bounded(0.25, ge=0)
+    usage_buffer: int = bounded(65536, ge=1)
     # continuous bottleneck
-    latent_channels: int = 8
-    bottleneck_groups: int = 32
+    latent_channels: int = bounded(8, ge=1)
+    bottleneck_groups: int = bounded(32, ge=1)
     # decoder
-    dec_depth: int = 2
-    dec_heads: int = 4
-    attn_dropout: float = 0.1
-    n_registers: int = 4
-    decoder_patch: int = 4  # pixel grid = image_size / decoder_patch (paper: 336 / 16 = 21)
-    cnn_ch: int = 32
-    cnn_mult: tuple[int, ...] = (1, 2, 4)
-    cnn_res_blocks: int = 1  # ResBlocks per stage = this + 1 (LlamaGen convention)
-    cnn_groups: int = 8
+    dec_depth: int = bounded(2, ge=1)
+    dec_heads: int = bounded(4, ge=1)
+    attn_dropout: float = bounded(0.1, ge=0, lt=1)
+    n_registers: int = bounded(4, ge=0)
+    decoder_patch: int = bounded(4, ge=1)  # pixel grid = image_size / decoder_patch (paper: 336 / 16 = 21)
+    cnn_ch: int = bounded(32, ge=1)
+    cnn_mult: tuple[int, ...] = bounded((1, 2, 4), ge=1)
+    cnn_res_blocks: int = bounded(1, ge=0)  # ResBlocks per stage = this + 1 (LlamaGen convention)
+    cnn_groups: int = bounded(8, ge=1)
     semantic: bool = True  # False: no semantic branch (the paper's ablation)
     kv_cls: Optional[bool] = None  # add the VFM CLS to KV features; None = True for vfmae only
 

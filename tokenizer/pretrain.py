@@ -35,7 +35,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from study.config import ConfigError, config_hash, dump_yaml, nonsemantic, parse_cli, to_dict
+from study.config import ConfigError, bounded, config_hash, dump_yaml, nonsemantic, parse_cli, to_dict
 from study.data import DataConfig, build_dataset, iterate_eval, make_loader
 from study.training import Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything
 from tokenizer.objectives import OBJECTIVES, REGISTRY, Objective, build_objective, get_objective
@@ -70,12 +70,12 @@ def _default_optim() -> OptimConfig:
 class ProbeConfig:
     """Probe protocol: features of the first `train_samples` training images fit the probes,
     the first `val_samples` validation images score them."""
-    train_samples: int = 2000
-    val_samples: int = 1000
-    knn_k: int = 20
-    Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # linear-probe inverse regularisation, chosen by CV
-    folds: int = 3
-    batch_size: int = nonsemantic(256)
+    train_samples: int = bounded(2000, ge=1)
+    val_samples: int = bounded(1000, ge=1)
+    knn_k: int = bounded(20, ge=1)
+    Cs: tuple[float, ...] = bounded((0.01, 0.1, 1.0, 10.0), gt=0)  # linear-probe inverse regularisation, chosen by CV
+    folds: int = bounded(3, ge=2)
+    batch_size: int = nonsemantic(256, ge=1)
 
 
 @dataclass

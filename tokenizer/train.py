@@ -24,7 +24,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.config import ConfigError, bounded, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.fsio import atomic_write
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
@@ -60,8 +61,8 @@ class TokenizerRunConfig:
     optim: OptimConfig = field(default_factory=_default_optim)
     disc_optim: OptimConfig = field(default_factory=_default_disc_optim)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_images: int = 500  # validation images for PSNR / codebook stats
-    stats_batches: int = 50  # VFMAE: batches for the per-(channel, position) latent statistics
+    eval_images: int = bounded(500, ge=1)  # validation images for PSNR / codebook stats
+    stats_batches: int = bounded(50, ge=1)  # VFMAE: batches for the per-(channel, position) latent statistics
     # filled in automatically: every departure from the paper's method in this run (logged with the config)
     deviations: list[str] = nonsemantic(default_factory=list)
 
@@ -252,12 +253,12 @@ def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu"
     run_dir = Path(run_dir)
     cfg = load(TokenizerRunConfig, run_dir / "config.yaml")
     model = VFMTokenizer(cfg.model, build_vfm(cfg.vfm))
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=map_location, weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["modules"]["model"])
     model.tokenizer_id = tokenizer_id(cfg)
     stats = run_dir / "latent_stats.pt"
     if stats.exists():
-        s = torch.load(stats, map_location="cpu")
+        s = torch.load(stats, map_location="cpu", weights_only=True)
         model.latent_stats = (s["mean"], s["std"])
     return model.eval().to(map_location)
 
@@ -287,11 +288,7 @@ def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = Tr
         else:  # statistics of the exported set itself (per channel and position)
             mean, std = payload["latents"].mean(0), payload["latents"].std(0, unbiased=False)
         payload["mean"], payload["std"] = mean.float(), std.float()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return payload
 
 

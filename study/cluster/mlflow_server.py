@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from study.backends import pid_alive
+from study.fsio import atomic_write_text
 
 __all__ = ["MlflowServer", "free_port", "health_ok"]
 
@@ -163,10 +164,8 @@ class MlflowServer:
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.root, env=env, start_new_session=True, close_fds=True)
         self.pid, self._owned = self._proc.pid, True
-        tmp = self.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"url": self.url, "port": self.port, "pid": self.pid,
-                                   "host": self.host}))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps({"url": self.url, "port": self.port, "pid": self.pid,
+                                                       "host": self.host}))
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -5,9 +5,7 @@ Nothing is ever downloaded: a missing file is a ConfigError that names the path 
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +17,7 @@ from study.config import ConfigError, config_hash
 from study.data.config import DataConfig
 from study.data.shapes import SHAPE_NAMES, generate_shapes
 from study.data.transforms import center_crop_arr
+from study.fsio import atomic_write
 
 Split = Literal["train", "val"]
 SPLIT_INDEX = {"train": 0, "val": 1}
@@ -83,23 +82,9 @@ def build_dataset(cfg: DataConfig, split: Split) -> ImageArrayDataset:
             images, labels, names = cached["images"], cached["labels"], tuple(cached["class_names"].tolist())
     else:
         images, labels, names = _BUILDERS[cfg.name](cfg, split)
-        _save_atomic(path, images=images, labels=labels, class_names=np.array(names))
+        atomic_write(path, lambda handle: np.savez(handle, images=images, labels=labels, class_names=np.array(names)))
     return ImageArrayDataset(images=images, labels=labels.astype(np.int64), num_classes=cfg.num_classes,
                              class_names=names, identity=content_identity(cfg, split), augment=cfg.augment)
-
-
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary file in the same folder, then rename: readers (other ranks,
-    concurrent jobs) see either no file or a complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- builders

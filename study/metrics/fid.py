@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from study.config import nonsemantic
+from study.fsio import atomic_write
 from study.metrics.common import (MissingWeightsError, as_features, content_hash, default_cache_dir,
                                   pick_device, to_uint8_nchw)
 
@@ -214,15 +215,10 @@ class ReferenceStats:
     identity: str = ""
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
         arrays = {"mu": self.mu, "sigma": self.sigma, "identity": np.array(self.identity)}
         if self.features is not None:
             arrays["features"] = self.features.astype(np.float32)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceStats":

@@ -9,7 +9,6 @@ stays free of the training loop.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.fsio import atomic_write
 from study.metrics.common import as_features, pick_device, to_float_nchw
 
 
@@ -90,16 +90,12 @@ class ReferenceClassifier:
         return predict_logits(self.model, images, self.batch_size).argmax(1).numpy()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": self.model.state_dict(), "meta": self.meta}, tmp)
-        os.replace(tmp, path)
-        return path
+        state = {"state_dict": self.model.state_dict(), "meta": self.meta}
+        return atomic_write(path, lambda handle: torch.save(state, handle))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "ReferenceClassifier":
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         meta = state["meta"]
         cfg = meta["config"]
         model = RefCNN(meta["num_classes"], cfg["width"], cfg["image_size"])

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from study.config import bounded
+
 
 # --------------------------------------------------------------------------- schedules
 def cosine_ramp(start: float, end: float, progress: float) -> float:
@@ -160,10 +162,10 @@ class ColorAugConfig:
     0.4 brightness/contrast/saturation + hue 0.1 with p 0.8, grayscale p 0.2).  On the procedural
     shapes the fill and background colours are drawn independently of the class, so colour is a
     pure nuisance there: without hue changes, two views of one image match on colour alone."""
-    jitter: float = 0.4  # brightness / contrast / saturation factors ~ U(1 +- jitter)
-    hue: float = 0.1  # hue rotation ~ U(+-hue) turns (0.5 = any hue)
-    grayscale: float = 0.2  # probability of a grey view
-    prob: float = 0.8  # probability that the jitter (incl. hue) applies to a view
+    jitter: float = bounded(0.4, ge=0, le=1)  # brightness / contrast / saturation factors ~ U(1 +- jitter)
+    hue: float = bounded(0.1, ge=0, le=0.5)  # hue rotation ~ U(+-hue) turns (0.5 = any hue)
+    grayscale: float = bounded(0.2, ge=0, le=1)  # probability of a grey view
+    prob: float = bounded(0.8, ge=0, le=1)  # probability that the jitter (incl. hue) applies to a view
 
 
 # RGB <-> YIQ: hue is the angle in the (I, Q) chroma plane

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, color_augment, cosine_ramp, make_teacher, mlp,
                                          rank, random_resized_crop, vit_tokens)
@@ -23,11 +24,11 @@ from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, colo
 
 @dataclass
 class ContrastiveConfig:
-    temperature: float = 0.2
-    hidden: int = 256
-    out_dim: int = 64
-    momentum: tuple[float, float] = (0.99, 1.0)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    temperature: float = bounded(0.2, gt=0)
+    hidden: int = bounded(256, ge=1)
+    out_dim: int = bounded(64, ge=1)
+    momentum: tuple[float, float] = bounded((0.99, 1.0), ge=0, le=1)
+    crop_scale: tuple[float, float] = bounded((0.2, 1.0), gt=0, le=1)
     color: ColorAugConfig = field(default_factory=ColorAugConfig)
     freeze_patch_embed: bool = True
 

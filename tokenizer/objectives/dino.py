@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConfig, color_augment, cosine_ramp,
                                          linear_warmup, make_teacher, random_resized_crop, vit_tokens)
@@ -28,21 +29,21 @@ from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConf
 
 @dataclass
 class DinoConfig:
-    out_dim: int = 1024
-    hidden: int = 256
-    bottleneck: int = 64
-    head_layers: int = 3
-    n_local: int = 4
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    local_size_ratio: float = 0.5  # local crop side / image side (96 / 224 ≈ 0.43 in DINO)
+    out_dim: int = bounded(1024, ge=1)
+    hidden: int = bounded(256, ge=1)
+    bottleneck: int = bounded(64, ge=1)
+    head_layers: int = bounded(3, ge=1)
+    n_local: int = bounded(4, ge=0)
+    global_scale: tuple[float, float] = bounded((0.4, 1.0), gt=0, le=1)
+    local_scale: tuple[float, float] = bounded((0.05, 0.4), gt=0, le=1)
+    local_size_ratio: float = bounded(0.5, gt=0, le=1)  # local crop side / image side (96 / 224 ≈ 0.43 in DINO)
     color: ColorAugConfig = field(default_factory=ColorAugConfig)
-    student_temp: float = 0.1
-    teacher_temp: tuple[float, float] = (0.04, 0.07)  # (start, end) of the warm-up
-    teacher_temp_warmup: float = 0.3  # fraction of training
-    center_momentum: float = 0.9
-    momentum: tuple[float, float] = (0.99, 1.0)  # EMA teacher, cosine from start to end
-    freeze_prototypes: float = 0.01  # fraction of training with the prototypes frozen
+    student_temp: float = bounded(0.1, gt=0)
+    teacher_temp: tuple[float, float] = bounded((0.04, 0.07), gt=0)  # (start, end) of the warm-up
+    teacher_temp_warmup: float = bounded(0.3, ge=0, le=1)  # fraction of training
+    center_momentum: float = bounded(0.9, ge=0, le=1)
+    momentum: tuple[float, float] = bounded((0.99, 1.0), ge=0, le=1)  # EMA teacher, cosine from start to end
+    freeze_prototypes: float = bounded(0.01, ge=0, le=1)  # fraction of training with the prototypes frozen
 
 
 # --------------------------------------------------------------------------- loss pieces

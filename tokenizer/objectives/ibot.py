@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import bounded
 from tokenizer.objectives.common import block_mask, linear_warmup, num_prefix, vit_blocks, vit_embed, vit_tokens
 from tokenizer.objectives.dino import DINO, DinoConfig, cross_view_ce, entropy, teacher_probs, update_center
 
@@ -27,10 +28,10 @@ from tokenizer.objectives.dino import DINO, DinoConfig, cross_view_ce, entropy, 
 class IbotConfig:
     """Only the patch-level additions: the [CLS] part reads the study's `dino` block, so dino
     and ibot cannot drift apart in their shared hyperparameters."""
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # per-image ratio ~ U[lo, hi] (0.3 ± 0.2)
-    mask_prob: float = 0.5  # fraction of images that get a mask at all
-    patch_teacher_temp: tuple[float, float] = (0.04, 0.07)
-    patch_weight: float = 1.0  # λ2 (λ1 = 1)
+    mask_ratio: tuple[float, float] = bounded((0.1, 0.5), ge=0, lt=1)  # per-image ratio ~ U[lo, hi] (0.3 ± 0.2)
+    mask_prob: float = bounded(0.5, ge=0, le=1)  # fraction of images that get a mask at all
+    patch_teacher_temp: tuple[float, float] = bounded((0.04, 0.07), gt=0)
+    patch_weight: float = bounded(1.0, ge=0)  # λ2 (λ1 = 1)
 
 
 class IBOT(DINO):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import pool, random_resized_crop, vit_tokens
 
@@ -41,16 +42,16 @@ COLOURS = ("black", "grey", "white") + tuple(dict.fromkeys(w for _, w in HUES))
 
 @dataclass
 class ImageTextConfig:
-    embed_dim: int = 64
-    text_dim: int = 64
-    text_depth: int = 1
-    text_heads: int = 2
-    colour_prob: float = 0.5  # captions that also name the background colour
-    full_name_prob: float = 0.5  # multi-word class names: whole name, else a random subset
+    embed_dim: int = bounded(64, ge=1)
+    text_dim: int = bounded(64, ge=1)
+    text_depth: int = bounded(1, ge=1)
+    text_heads: int = bounded(2, ge=1)
+    colour_prob: float = bounded(0.5, ge=0, le=1)  # captions that also name the background colour
+    full_name_prob: float = bounded(0.5, ge=0, le=1)  # multi-word class names: whole name, else a random subset
     multi_positive: bool = True
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float = -10.0
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = bounded((0.5, 1.0), gt=0, le=1)
 
 
 def colour_words(images: torch.Tensor, border: int = 2) -> list[str]:

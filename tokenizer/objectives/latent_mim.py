@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augment, cosine_ramp, make_teacher, num_prefix,
                                          random_resized_crop, vit_blocks, vit_embed)
@@ -29,11 +30,11 @@ from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augme
 
 @dataclass
 class LatentMimConfig:
-    mask_ratio: float = 0.6
-    top_k_frac: float = 0.5
-    loss_beta: float = 2.0
-    momentum: tuple[float, float] = (0.99, 0.999)
-    crop_scale: tuple[float, float] = (0.3, 1.0)
+    mask_ratio: float = bounded(0.6, ge=0, lt=1)
+    top_k_frac: float = bounded(0.5, gt=0, le=1)
+    loss_beta: float = bounded(2.0, gt=0)
+    momentum: tuple[float, float] = bounded((0.99, 0.999), ge=0, le=1)
+    crop_scale: tuple[float, float] = bounded((0.3, 1.0), gt=0, le=1)
     color: ColorAugConfig = field(default_factory=ColorAugConfig)
 
 

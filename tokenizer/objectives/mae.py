@@ -18,17 +18,18 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from generators.layers import sincos_2d
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import num_prefix, random_mask, random_resized_crop, vit_blocks, vit_embed
 
 
 @dataclass
 class MaeConfig:
-    mask_ratio: float = 0.75
-    decoder_dim: int = 64
-    decoder_depth: int = 2
-    decoder_heads: int = 2
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    mask_ratio: float = bounded(0.75, ge=0, lt=1)
+    decoder_dim: int = bounded(64, ge=1)
+    decoder_depth: int = bounded(2, ge=1)
+    decoder_heads: int = bounded(2, ge=1)
+    crop_scale: tuple[float, float] = bounded((0.2, 1.0), gt=0, le=1)
     norm_pix_loss: bool = True
 
 

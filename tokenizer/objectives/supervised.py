@@ -14,6 +14,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import bounded
 from tokenizer.objectives.base import Objective
 from tokenizer.objectives.common import pool, random_resized_crop, vit_tokens
 
@@ -21,8 +22,8 @@ from tokenizer.objectives.common import pool, random_resized_crop, vit_tokens
 @dataclass
 class SupervisedConfig:
     pool: Literal["avg", "cls"] = "avg"
-    label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.35, 1.0)
+    label_smoothing: float = bounded(0.1, ge=0, lt=1)
+    crop_scale: tuple[float, float] = bounded((0.35, 1.0), gt=0, le=1)
 
 
 class Supervised(Objective):

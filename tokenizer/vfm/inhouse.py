@@ -15,11 +15,12 @@ A file is `torch.save` of a plain dict (no pickled classes, so `weights_only=Tru
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
+from study.fsio import atomic_write
 
 FORMAT = "vfmstudy-inhouse-v1"
 
@@ -64,16 +65,7 @@ def save_inhouse(path: str | Path, model: VisionTransformer, arch: dict, family:
         raise ValueError(f"family '{family}' is not one of {FAMILIES}")
     payload = {"format": FORMAT, "arch": dict(arch), "family": family, "provenance": dict(provenance),
                "state_dict": backbone_state_dict(model)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_inhouse(path: str | Path) -> tuple[VisionTransformer, dict]:
