@@ -29,7 +29,7 @@ from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
 from tokenizer.discriminator import DinoDiscriminator
-from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
+from tokenizer.losses import (LossConfig, build_perceptual, d_hinge_loss, g_nonsat_loss, perceptual_description,
                               pixel_loss, semantic_loss)
 from tokenizer.model import TokenizerConfig, VFMTokenizer, levels_with_grad
 from study.metrics.codebook import codebook_stats
@@ -64,6 +64,8 @@ class TokenizerRunConfig:
     stats_batches: int = 50  # VFMAE: batches for the per-(channel, position) latent statistics
     # filled in automatically: every departure from the paper's method in this run (logged with the config)
     deviations: list[str] = nonsemantic(default_factory=list)
+    # filled in automatically: the network the perceptual term is computed with (logged with the config)
+    perceptual_network: str = nonsemantic("")
 
     def __post_init__(self):
         if self.model.image_size != self.data.resolution:
@@ -72,6 +74,7 @@ class TokenizerRunConfig:
         if self.model.kind == "vfmae" and not self.model.semantic and self.loss.semantic_weight > 0:
             pass  # semantic: false wins; the weight is ignored (no branch exists)
         self.deviations = run_deviations(self)
+        self.perceptual_network = perceptual_description(self.loss)
 
     @property
     def semantic_on(self) -> bool:
@@ -91,10 +94,11 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
         out.append("ablation: semantic reconstruction objective off")
     if m.use_kv_cls:
         out.append("KV features + CLS: the final-layer CLS is added to every level (paper: each level's own CLS)")
-    if loss.perceptual == "feature_matching":
-        out.append("perceptual: feature matching on the frozen VFM levels substitutes LPIPS (no VGG weights offline)")
-    elif loss.perceptual == "none" or loss.perceptual_weight == 0:
-        out.append("perceptual: off (paper: LPIPS weight 1)")
+    if loss.perceptual == "none" or loss.perceptual_weight == 0:
+        out.append("perceptual: off (paper: LPIPS-VGG weight 1)")
+    elif loss.perceptual == "random_vgg":
+        out.append("perceptual: random-init VGG16-layout distance stands in for LPIPS-VGG (no VGG16 weights "
+                   "offline); the same network in every run, independent of the VFM")
     if loss.gan_weight > 0:
         out.append("discriminator: heads on the 4 registry levels of a build_vfm backbone, no CLS add, no 224 "
                    "crop (paper: DINO ViT-S/16, 5 taps)")
@@ -110,6 +114,7 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
 class TokenizerTask(TrainTask):
     def __init__(self, cfg: TokenizerRunConfig):
         self.cfg = cfg
+        self.perceptual = build_perceptual(cfg.loss)  # first: a missing weight file fails before any data work
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val")
         self.vfm = build_vfm(cfg.vfm)
@@ -120,7 +125,6 @@ class TokenizerTask(TrainTask):
         if cfg.loss.gan_weight > 0:
             backbone = self.vfm if cfg.disc_vfm is None else build_vfm(cfg.disc_vfm)
             self.disc = DinoDiscriminator(backbone)
-        self.lpips = LPIPSLoss(cfg.loss.lpips_vgg_path) if cfg.loss.perceptual == "lpips" else None
         self.gan_start = cfg.loss.gan_start_step(cfg.train.steps)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -143,17 +147,11 @@ class TokenizerTask(TrainTask):
         recon = out["recon"]
         parts = {"pixel": pixel_loss(images, recon, lc)}
         core = unwrap(model)
-        feature_matching = lc.perceptual_weight > 0 and lc.perceptual == "feature_matching"
         gan_on = disc is not None and step >= self.gan_start
-        # the frozen VFM's levels of x_hat serve both the perceptual substitute and a discriminator that
-        # shares the VFM: one backbone pass with gradient instead of two (x's levels come with `out`)
-        out["recon_levels"] = None
-        if feature_matching or (gan_on and self.disc_shares_vfm):
-            out["recon_levels"] = levels_with_grad(core.vfm, recon)
-        if feature_matching:
-            parts["perceptual"] = feature_matching_loss(out["vfm_levels"], out["recon_levels"])
-        elif lc.perceptual_weight > 0 and self.lpips is not None:
-            parts["perceptual"] = self.lpips.to(images.device)(images, recon)
+        # a discriminator that shares the frozen VFM reuses x's levels (from `out`) and x_hat's below
+        out["recon_levels"] = levels_with_grad(core.vfm, recon) if gan_on and self.disc_shares_vfm else None
+        if self.perceptual is not None:
+            parts["perceptual"] = self.perceptual.to(images.device)(images, recon)
         if self.cfg.semantic_on:
             parts["semantic"] = semantic_loss(out["sem_pred"], out["sem_target"])
         if out["vq"]:

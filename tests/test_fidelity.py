@@ -1,0 +1,110 @@
+"""Fidelity to the official recipe: the parts that must not vary with the VFM under study, the
+numerics that must agree between training and export, and the official architecture sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from study.config import load
+from study.metrics.common import MissingWeightsError
+from tokenizer.losses import LossConfig, LPIPSLoss, RandomVGGDistance, build_perceptual
+
+CONFIGS = Path(__file__).resolve().parents[1] / "tokenizer" / "configs"
+OFFLINE_DATA = ["data.name=shapes", "data.num_classes=10", "data.train_size=10", "data.val_size=10"]
+
+
+def load_preset(name: str):
+    """A tokenizer preset; the ImageNet ones read the shapes data instead (no dataset offline)."""
+    from tokenizer.train import TokenizerRunConfig
+    path = CONFIGS / f"{name}.yaml"
+    return load(TokenizerRunConfig, path, OFFLINE_DATA if "imagefolder" in path.read_text() else [])
+
+
+def tiny_task(tmp_path, *extra):
+    from tests.test_tokenizer import small_cfg
+    from tokenizer.train import TokenizerTask
+    return TokenizerTask(small_cfg(tmp_path, *extra))
+
+
+# --------------------------------------------------------------------------- perceptual loss
+def test_perceptual_loss_is_the_same_whatever_the_vfm(tmp_path):
+    """Two tokenizer runs whose VFMs (and training seeds) differ compute the same perceptual loss
+    for the same (x, x_hat), and it still tells different reconstructions apart."""
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    task_a = tiny_task(tmp_path / "a", "vfm.name=random:vit_micro_p4")
+    torch.manual_seed(123)  # the global RNG must not reach the perceptual network
+    task_b = tiny_task(tmp_path / "b", "vfm.name=random:vit_tiny_p4", "train.seed=7")
+    assert task_a.vfm.name != task_b.vfm.name
+    loss_a, loss_b = task_a.perceptual(x, x_hat), task_b.perceptual(x, x_hat)
+    assert torch.equal(loss_a, loss_b)
+    assert float(task_a.perceptual(x, x)) == 0.0 and float(loss_a) > 0
+    assert task_a.cfg.perceptual_network == task_b.cfg.perceptual_network
+    assert "not LPIPS" in task_a.cfg.perceptual_network and "random_vgg" in task_a.cfg.perceptual_network
+
+
+def test_perceptual_gradient_reaches_the_reconstruction_only():
+    net = build_perceptual(LossConfig())
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    x_hat = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    net(x, x_hat).backward()
+    assert x_hat.grad.abs().sum() > 0 and x.grad is None
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def _lpips_files(tmp_path) -> tuple[Path, Path]:
+    """A random-init torchvision VGG16 state_dict and random LPIPS linear heads, as local files."""
+    import lpips
+    import torchvision
+    torch.manual_seed(0)
+    vgg = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    vgg.parent.mkdir(parents=True)
+    torch.save(torchvision.models.vgg16().state_dict(), vgg)
+    heads = {k: v.abs() + 0.1 * torch.rand_like(v) for k, v in
+             torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth", map_location="cpu",
+                        weights_only=True).items()}
+    linear = tmp_path / "lpips_vgg_heads.pth"
+    torch.save(heads, linear)
+    return vgg, linear
+
+
+def test_lpips_from_local_files_matches_the_lpips_package(tmp_path, monkeypatch):
+    import lpips
+    vgg, linear = _lpips_files(tmp_path)
+    ours = build_perceptual(LossConfig(perceptual="lpips", lpips_vgg=str(vgg), lpips_linear=str(linear)))
+    assert isinstance(ours, LPIPSLoss)
+    # the package's own loading path: torchvision's VGG16 from the torch hub cache, heads from model_path
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.warns(UserWarning):
+        reference = lpips.LPIPS(net="vgg", model_path=str(linear), verbose=False).eval()
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    x_hat = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    with torch.no_grad():
+        expected = reference(x_hat, x).mean()
+        got = ours(x, x_hat)
+    assert float(expected) > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lpips_missing_file_fails_fast_naming_it(tmp_path):
+    cfg = LossConfig(perceptual="lpips", lpips_vgg=str(tmp_path / "absent_vgg16.pth"))
+    with pytest.raises(MissingWeightsError, match="absent_vgg16.pth"):
+        build_perceptual(cfg)
+
+
+def test_random_vgg_standin_ignores_the_global_rng():
+    x, x_hat = torch.zeros(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    torch.manual_seed(1)
+    first = RandomVGGDistance()(x, x_hat)
+    torch.manual_seed(2)
+    assert torch.equal(first, RandomVGGDistance()(x, x_hat))
+
+
+@pytest.mark.parametrize("preset, perceptual", [("paper", "lpips"), ("tiny", "random_vgg"), ("base", "random_vgg"),
+                                                ("tiny_ae", "random_vgg")])
+def test_presets_pick_a_perceptual_network_independent_of_the_vfm(preset, perceptual):
+    cfg = load_preset(preset)
+    assert cfg.loss.perceptual == perceptual and cfg.perceptual_network.startswith(perceptual)
