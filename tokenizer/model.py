@@ -186,16 +186,22 @@ class VFMTokenizer(nn.Module):
         return {"latent": latent, "z": self.post_quant(latent.flatten(2).transpose(1, 2)), "vq": {}}
 
     # ---------------------------------------------------------------- public API
+    def encode_parts(self, images: torch.Tensor) -> tuple[dict, torch.Tensor | None, list[torch.Tensor]]:
+        """The encoder side in fp32 under any autocast (the official code forces fp32 in the
+        encoder's attention): training and `encode` then give the same ids for the same images.
+        Returns the bottleneck's dict, the semantic target and the raw VFM levels."""
+        with torch.autocast(images.device.type, enabled=False):
+            levels, target, raw = self.vfm_features(images.float())
+            return self.quantize(self.tokens(levels)), target, raw
+
     def forward(self, images: torch.Tensor) -> dict:
-        levels, target, raw = self.vfm_features(images)
-        q = self.quantize(self.tokens(levels))
+        q, target, raw = self.encode_parts(images)
         recon, sem_pred = self.decoder.forward_train(q["z"])
         return {**q, "recon": recon, "sem_pred": sem_pred, "sem_target": target, "vfm_levels": raw}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ids (B, N) long in raster order of the anchor grid, or latents (B, C, s, s)."""
-        levels, _, _ = self.vfm_features(images)
-        q = self.quantize(self.tokens(levels))
+        q, _, _ = self.encode_parts(images)
         return q["ids"] if self.cfg.kind == "vfmtok" else q["latent"]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
