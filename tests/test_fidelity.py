@@ -136,3 +136,51 @@ def test_training_ids_equal_exported_ids(tmp_path):
         train_ids = model(x)["ids"]
     exported = export_codes(model, task.val_set, tmp_path / "codes.pt", flip=False)
     assert torch.equal(train_ids, exported["tokens"])
+
+
+# --------------------------------------------------------------------------- discriminator
+def _disc():
+    from tokenizer.discriminator import DinoDiscriminator
+    from tokenizer.vfm import build_vfm
+    torch.manual_seed(0)
+    return DinoDiscriminator(build_vfm("random:vit_micro_p4")).eval()  # eval: spectral norm stops iterating
+
+
+def test_discriminator_real_logits_ignore_the_fake_half_at_batch_2():
+    disc = _disc()
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    fake_a, fake_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        real_a, logits_fake_a = disc(torch.cat([real, fake_a]), sets=2).chunk(2)  # as the training step calls it
+        real_b, logits_fake_b = disc(torch.cat([real, fake_b]), sets=2).chunk(2)
+        assert torch.equal(real_a, real_b) and not torch.equal(logits_fake_a, logits_fake_b)
+        torch.testing.assert_close(real_a, disc(real), rtol=1e-5, atol=1e-5)  # as if D saw the real set alone
+        mixed_a, mixed_b = disc(torch.cat([real, fake_a]))[:2], disc(torch.cat([real, fake_b]))[:2]
+    assert (mixed_a - mixed_b).abs().max() > 1e-3  # one shared normalisation would couple them
+
+
+def test_discriminator_has_five_cls_read_taps_and_no_final_norm():
+    disc = _disc()
+    vfm = disc.backbone
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        taps = disc.taps(x)
+        final = vfm.model.forward_features(vfm.preprocess(x))  # (B, P + T, C) after the final norm
+    T, P = vfm.grid[0] * vfm.grid[1], vfm.num_prefix_tokens
+    assert len(disc.heads) == 5 and len(taps) == 5 and disc.tap_blocks == [vfm.depth * k // 4 - 1 for k in (1, 2, 3, 4)]
+    assert all(t.shape == (2, vfm.width, T) for t in taps)
+    # vit_micro has 4 blocks, so the last tap is the last block: its tokens normed give the final tokens
+    with torch.no_grad():
+        x_tok = vfm.model.norm_pre(vfm.model._pos_embed(vfm.model.patch_embed(vfm.preprocess(x))))
+        for block in vfm.model.blocks:
+            x_tok = block(x_tok)
+    torch.testing.assert_close(vfm.model.norm(x_tok), final)
+    torch.testing.assert_close(taps[-1], (x_tok[:, P:] + x_tok[:, :1]).transpose(1, 2))  # raw, CLS added
+    assert disc(x).shape == (2, 5 * T)
+
+
+def test_discriminator_crops_or_resizes_large_inputs_to_its_input_size():
+    disc = _disc()
+    with torch.no_grad():
+        shapes = {disc(torch.rand(2, 3, 48, 48) * 2 - 1).shape for _ in range(6)}
+    assert shapes == {(2, 5 * 64)}

@@ -31,7 +31,7 @@ from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainCon
 from tokenizer.discriminator import DinoDiscriminator
 from tokenizer.losses import (LossConfig, build_perceptual, d_hinge_loss, g_nonsat_loss, perceptual_description,
                               pixel_loss, semantic_loss)
-from tokenizer.model import TokenizerConfig, VFMTokenizer, levels_with_grad
+from tokenizer.model import TokenizerConfig, VFMTokenizer
 from study.metrics.codebook import codebook_stats
 from study.metrics.image import psnr_per_image
 from tokenizer.quantizer import compute_latent_stats
@@ -56,7 +56,8 @@ class TokenizerRunConfig:
     vfm: VFMSpec = field(default_factory=lambda: VFMSpec(name="random:vit_tiny_p4"))
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    disc_vfm: Optional[VFMSpec] = None  # discriminator backbone; None = the tokenizer's own VFM
+    # discriminator backbone: fixed per preset, never the VFM under study (paper: DINO ViT-S/16 at 224)
+    disc_vfm: VFMSpec = field(default_factory=lambda: VFMSpec(name="random:vit_micro_p4"))
     optim: OptimConfig = field(default_factory=_default_optim)
     disc_optim: OptimConfig = field(default_factory=_default_disc_optim)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -100,8 +101,9 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
         out.append("perceptual: random-init VGG16-layout distance stands in for LPIPS-VGG (no VGG16 weights "
                    "offline); the same network in every run, independent of the VFM")
     if loss.gan_weight > 0:
-        out.append("discriminator: heads on the 4 registry levels of a build_vfm backbone, no CLS add, no 224 "
-                   "crop (paper: DINO ViT-S/16, 5 taps)")
+        if cfg.disc_vfm.name != "dino_vits16" or not cfg.disc_vfm.pretrained:
+            out.append(f"discriminator backbone: {cfg.disc_vfm.name} (pretrained: {cfg.disc_vfm.pretrained}); "
+                       "paper: DINO ViT-S/16 pretrained, at 224")
         out.append("discriminator is not run before gan_start (paper runs it with zero loss; same parameters)")
     else:
         out.append("GAN off (paper: weight 0.5 from step 20k)")
@@ -120,11 +122,7 @@ class TokenizerTask(TrainTask):
         self.vfm = build_vfm(cfg.vfm)
         seed_everything(cfg.train.seed)  # the init must not depend on what ran before in this process
         self.model = VFMTokenizer(cfg.model, self.vfm)
-        self.disc = None
-        self.disc_shares_vfm = cfg.disc_vfm is None
-        if cfg.loss.gan_weight > 0:
-            backbone = self.vfm if cfg.disc_vfm is None else build_vfm(cfg.disc_vfm)
-            self.disc = DinoDiscriminator(backbone)
+        self.disc = DinoDiscriminator(build_vfm(cfg.disc_vfm)) if cfg.loss.gan_weight > 0 else None
         self.gan_start = cfg.loss.gan_start_step(cfg.train.steps)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -148,8 +146,6 @@ class TokenizerTask(TrainTask):
         parts = {"pixel": pixel_loss(images, recon, lc)}
         core = unwrap(model)
         gan_on = disc is not None and step >= self.gan_start
-        # a discriminator that shares the frozen VFM reuses x's levels (from `out`) and x_hat's below
-        out["recon_levels"] = levels_with_grad(core.vfm, recon) if gan_on and self.disc_shares_vfm else None
         if self.perceptual is not None:
             parts["perceptual"] = self.perceptual.to(images.device)(images, recon)
         if self.cfg.semantic_on:
@@ -162,7 +158,7 @@ class TokenizerTask(TrainTask):
         if gan_on:
             # G's adversarial term goes through the *unwrapped* disc: only D's own loss is DDP-synchronised;
             # the disc grads this leaves behind are cleared by D's zero_grad before its backward.
-            logits = unwrap(disc)(taps=out["recon_levels"]) if self.disc_shares_vfm else unwrap(disc)(recon)
+            logits = unwrap(disc)(recon)
             parts["gan_g"] = g_nonsat_loss(logits)
             total = total + lc.gan_weight * parts["gan_g"]
         if self.cfg.model.kind == "vfmtok":
@@ -178,12 +174,8 @@ class TokenizerTask(TrainTask):
         if disc is not None:
             losses["disc"] = None
             if step >= self.gan_start:
-                if self.disc_shares_vfm:  # reuse both images' VFM levels; one forward: one DDP reduction
-                    logits = disc(taps=[torch.cat([r, f.detach()]) for r, f in zip(out["vfm_levels"],
-                                                                                    out["recon_levels"])])
-                else:
-                    logits = disc(torch.cat([images, out["recon"].detach()], 0))
-                real_logits, fake_logits = logits.chunk(2, 0)
+                # one forward (one DDP reduction); real and fake are normalised separately
+                real_logits, fake_logits = disc(torch.cat([images, out["recon"].detach()]), sets=2).chunk(2)
                 losses["disc"] = self.cfg.loss.gan_weight * d_hinge_loss(real_logits, fake_logits)
                 metrics["disc/logits_real"] = real_logits.detach().float().mean()
                 metrics["disc/logits_fake"] = fake_logits.detach().float().mean()
