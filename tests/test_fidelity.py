@@ -184,3 +184,57 @@ def test_discriminator_crops_or_resizes_large_inputs_to_its_input_size():
     with torch.no_grad():
         shapes = {disc(torch.rand(2, 3, 48, 48) * 2 - 1).shape for _ in range(6)}
     assert shapes == {(2, 5 * 64)}
+
+
+# --------------------------------------------------------------------------- official sizes
+def _on_meta(build):
+    with torch.device("meta"):  # shapes only: the XL models are built without allocating memory
+        return build()
+
+
+def test_ditdh_xl_parameter_count_is_the_official_834_8m():
+    from generators.dit import DiT, DiTDH_XL
+    model = _on_meta(lambda: DiT(DiTDH_XL(in_channels=32, grid=(16, 16), num_classes=1000)))
+    assert round(model.num_params() / 1e6, 1) == 834.8
+
+
+@pytest.mark.parametrize("preset, millions", [("B", 110.9), ("XL", 774.7)])
+def test_gpt_parameter_counts_are_the_official_ones(preset, millions):
+    from generators.gpt import GPT, GPT_PRESETS
+    model = _on_meta(lambda: GPT(GPT_PRESETS[preset](vocab_size=16384, grid=(16, 16), num_classes=1000)))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def test_ditdh_conditioning_matches_the_official_block():
+    """AdaLN reads SiLU(c) (a second SiLU on the trunk's SiLU(t + y)), RMSNorm has a gain, and the
+    time embedding has 256 frequencies (512 features)."""
+    from generators.dit import DiT, DiTConfig
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=4, grid=(4, 4), num_classes=3, dim=32, depth=1, heads=2, ddt_width=64,
+                          ddt_depth=1, ddt_heads=2))
+    block = model.trunk[0]
+    assert block.norm1.weight is not None and model.final.norm.weight is not None
+    assert model.t_embedder.freqs.numel() == 256 and model.t_embedder.mlp[0].in_features == 512
+    torch.nn.init.normal_(block.ada.weight)
+    c = torch.randn(2, 32)
+    shift = block.ada(torch.nn.functional.silu(c))[:, :32]
+    x = torch.zeros(2, 16, 32)
+    # with x = 0 the attention branch sees only the shift: the block output depends on c through silu(c)
+    out = block(x, c, model.rope_trunk)
+    gate1 = block.ada(torch.nn.functional.silu(c))[:, 64:96]
+    expected_attn = block.attn(shift[:, None].expand(2, 16, 32), model.rope_trunk)
+    h = gate1[:, None] * expected_attn
+    shift2, scale2, gate2 = block.ada(torch.nn.functional.silu(c))[:, 96:].chunk(3, -1)
+    expected = h + gate2[:, None] * block.mlp(block.norm2(h) * (1 + scale2[:, None]) + shift2[:, None])
+    torch.testing.assert_close(out, expected)
+
+
+GEN_CONFIGS = Path(__file__).resolve().parents[1] / "generators" / "configs"
+OFFICIAL_SHIFT = 4.0  # the official code: sqrt(time_dist_shift_dim / 4096), time_dist_shift_dim hard-coded to 65536
+
+
+@pytest.mark.parametrize("preset", ["ditdh_XL", "ditdh_S", "tiny_dit"])
+def test_dit_preset_time_shift_is_the_official_value(preset):
+    from generators.train import GeneratorRunConfig
+    cfg = load(GeneratorRunConfig, GEN_CONFIGS / f"{preset}.yaml")
+    assert cfg.flow.resolve_shift(cfg.model.latent_dim) == OFFICIAL_SHIFT
