@@ -238,3 +238,30 @@ def test_dit_preset_time_shift_is_the_official_value(preset):
     from generators.train import GeneratorRunConfig
     cfg = load(GeneratorRunConfig, GEN_CONFIGS / f"{preset}.yaml")
     assert cfg.flow.resolve_shift(cfg.model.latent_dim) == OFFICIAL_SHIFT
+
+
+def test_paper_tokenizer_parameter_count_is_the_official_73_287m():
+    from types import SimpleNamespace
+    from tokenizer.model import VFMTokenizer
+    cfg = load_preset("paper")
+    dinov2_l = SimpleNamespace(width=1024, grid=(24, 24))  # all the tokenizer reads of its frozen VFM
+    model = _on_meta(lambda: VFMTokenizer(cfg.model, dinov2_l))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 3) == 73.287
+
+
+# --------------------------------------------------------------------------- decoder
+def test_decoder_positions_are_scaled_by_the_official_factor_and_no_final_norm():
+    from tokenizer.decoder import CNNUpsampler, ViTDecoder
+    torch.manual_seed(0)
+    dec = ViTDecoder(dim=16, depth=1, n_heads=2, attn_dropout=0.0, causal=True, num_tokens=4, n_registers=1,
+                     vfm_grid=(24, 24), pixel_grid=(21, 21), semantic="none", vfm_width=8,
+                     cnn=CNNUpsampler(16, 8, (1, 2), 0, 4))
+    table = dec.pos[1:].t().reshape(1, 16, 24, 24)
+    by_factor = torch.nn.functional.interpolate(table, scale_factor=(21.1 / 24, 21.1 / 24), mode="bicubic")
+    by_size = torch.nn.functional.interpolate(table, size=(21, 21), mode="bicubic")
+    assert (by_factor - by_size).abs().max() > 1e-3  # the two really differ
+    torch.testing.assert_close(dec.grid_pos((21, 21)), by_factor.flatten(2)[0].t())
+    x = torch.randn(2, 7, 16)
+    block = dec.transformer.blocks[0]
+    h = x + block.attn(block.norm1(x), causal=True)[0]
+    torch.testing.assert_close(dec.transformer(x), h + block.ffn(block.norm2(h)))  # the last block's output as is
