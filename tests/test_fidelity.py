@@ -265,3 +265,32 @@ def test_decoder_positions_are_scaled_by_the_official_factor_and_no_final_norm()
     block = dec.transformer.blocks[0]
     h = x + block.attn(block.norm1(x), causal=True)[0]
     torch.testing.assert_close(dec.transformer(x), h + block.ffn(block.norm2(h)))  # the last block's output as is
+
+
+# --------------------------------------------------------------------------- the generated page
+def test_fidelity_page_is_up_to_date():
+    from study import fidelity
+    assert fidelity.PAGE.read_text() == fidelity.render(), "docs/fidelity.md is stale: run python -m study.fidelity"
+
+
+def test_every_deviation_names_its_reason_and_full_presets_follow_the_official_schedules():
+    from study import fidelity
+    for items, presets, _ in fidelity.FAMILIES.values():
+        for preset in presets:
+            cfg = fidelity.load_preset(preset)
+            for item in items:
+                assert "not stated" not in item.status(preset, item.read(cfg)), (preset, item.name)
+    for preset, epochs in (("gpt_B", 300), ("gpt_XL", 200), ("ditdh_XL", 800), ("ditdh_S", 1400), ("paper", 50),
+                           ("paper_ae", 50)):
+        train = fidelity.load_preset(preset).train
+        assert train.steps == fidelity.epochs_to_steps(epochs, train.batch_size), preset
+
+
+def test_runs_carry_their_recipe_deviations():
+    from study import fidelity
+    tiny = fidelity.load_preset("tiny")
+    assert any(d.startswith("perceptual loss: random_vgg") and "never the VFM" in d for d in tiny.deviations)
+    assert not any("perceptual loss" in d for d in fidelity.load_preset("paper").deviations)
+    xl = fidelity.load_preset("ditdh_XL")
+    assert [d.split(":")[0] for d in fidelity.generator_deviations(xl)] == ["LR schedule"]
+    assert any(d.startswith("EMA, precision") for d in fidelity.generator_deviations(fidelity.load_preset("tiny_dit")))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from study.config import ConfigError, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.fidelity import VFMAE, VFMTOK, recipe_deviations
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
@@ -95,21 +96,13 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
         out.append("ablation: semantic reconstruction objective off")
     if m.use_kv_cls:
         out.append("KV features + CLS: the final-layer CLS is added to every level (paper: each level's own CLS)")
-    if loss.perceptual == "none" or loss.perceptual_weight == 0:
-        out.append("perceptual: off (paper: LPIPS-VGG weight 1)")
-    elif loss.perceptual == "random_vgg":
-        out.append("perceptual: random-init VGG16-layout distance stands in for LPIPS-VGG (no VGG16 weights "
-                   "offline); the same network in every run, independent of the VFM")
     if loss.gan_weight > 0:
-        if cfg.disc_vfm.name != "dino_vits16" or not cfg.disc_vfm.pretrained:
-            out.append(f"discriminator backbone: {cfg.disc_vfm.name} (pretrained: {cfg.disc_vfm.pretrained}); "
-                       "paper: DINO ViT-S/16 pretrained, at 224")
         out.append("discriminator is not run before gan_start (paper runs it with zero loss; same parameters)")
     else:
         out.append("GAN off (paper: weight 0.5 from step 20k)")
     if m.kind == "vfmtok":
         out.append("causal decoder registers get no gradient (as in the paper's code); a 0-weighted term keeps DDP happy")
-    return out
+    return out + recipe_deviations(VFMTOK if m.kind == "vfmtok" else VFMAE, cfg)
 
 
 # --------------------------------------------------------------------------- the task
