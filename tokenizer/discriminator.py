@@ -9,8 +9,8 @@ Trainable heads on the tapped tokens of a frozen ViT:
   residual block of the same with k=9 and circular padding scaled by 1/sqrt(2), then
   SpectralNorm-Conv1d to 1 channel; logits of all heads concatenated to (B, 5 * tokens).
 
-BatchNormLocal normalises each set of images on its own: `pair(real, fake)` runs both sets in one
-forward (one DDP reduction) but the statistics of the real images never see the fake ones, as
+BatchNormLocal normalises each set of images on its own: `disc(cat([real, fake]), sets=2)` runs both
+sets in one forward (one DDP reduction) but the statistics of the real images never see the fake ones, as
 when the official code calls D on each set separately.
 
 The backbone is any `build_vfm` entry held outside the module's parameters (shared, frozen, never
@@ -122,7 +122,3 @@ class DinoDiscriminator(nn.Module):
         parts = [crop_or_resize(part, self.backbone.input_size) for part in images.chunk(sets)]
         taps = self.taps(torch.cat(parts))
         return torch.cat([head(t, sets) for head, t in zip(self.heads, taps)], 1)
-
-    def pair(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of real and fake images in one forward, normalised separately."""
-        return self(torch.cat([real, fake]), sets=2).chunk(2)
