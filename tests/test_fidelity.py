@@ -294,3 +294,12 @@ def test_runs_carry_their_recipe_deviations():
     xl = fidelity.load_preset("ditdh_XL")
     assert [d.split(":")[0] for d in fidelity.generator_deviations(xl)] == ["LR schedule"]
     assert any(d.startswith("EMA, precision") for d in fidelity.generator_deviations(fidelity.load_preset("tiny_dit")))
+
+
+def test_tiny_autoguidance_guide_is_mostly_trained_weights():
+    """The guide is the EMA model at guide_fraction of the steps; the share of the initial (largely
+    zero) weights left in an EMA after k steps is decay^k, which must be small by then."""
+    from generators.train import GeneratorRunConfig
+    cfg = load(GeneratorRunConfig, GEN_CONFIGS / "tiny_dit.yaml")
+    guide_step = round(cfg.sample.guide_fraction * cfg.train.steps)
+    assert cfg.sample.guidance == "autoguidance" and cfg.train.ema_decay ** guide_step < 0.1
