@@ -10,7 +10,7 @@ import torch
 
 from study.config import load
 from study.metrics.common import MissingWeightsError
-from tokenizer.losses import LossConfig, LPIPSLoss, RandomVGGDistance, build_perceptual
+from tokenizer.losses import LossConfig, LPIPSLoss, RandomVGGDistance, build_perceptual, missing_perceptual_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tokenizer" / "configs"
 OFFLINE_DATA = ["data.name=shapes", "data.num_classes=10", "data.train_size=10", "data.val_size=10"]
@@ -93,6 +93,8 @@ def test_lpips_missing_file_fails_fast_naming_it(tmp_path):
     cfg = LossConfig(perceptual="lpips", lpips_vgg=str(tmp_path / "absent_vgg16.pth"))
     with pytest.raises(MissingWeightsError, match="absent_vgg16.pth"):
         build_perceptual(cfg)
+    assert "absent_vgg16.pth" in missing_perceptual_file(cfg)
+    assert missing_perceptual_file(LossConfig()) is None  # the stand-in needs no file
 
 
 def test_random_vgg_standin_ignores_the_global_rng():

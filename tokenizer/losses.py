@@ -132,15 +132,7 @@ class LPIPSLoss(nn.Module):
     def __init__(self, vgg_path: str | Path, linear_path: str | Path):
         super().__init__()
         self.vgg_path, self.linear_path = Path(vgg_path), Path(linear_path)
-        if not self.vgg_path.is_file():
-            raise MissingWeightsError(
-                f"perceptual 'lpips': VGG16 weights {self.vgg_path} not found. Set loss.lpips_vgg: /path/{VGG16_FILE} "
-                f"or put {VGG16_FILE} in $VFMSTUDY_WEIGHTS_DIR (on an online machine: "
-                f"torchvision.models.vgg16(weights='IMAGENET1K_V1') saves it to ~/.cache/torch/hub/checkpoints), "
-                f"or use loss.perceptual: random_vgg")
-        if not self.linear_path.is_file():
-            raise MissingWeightsError(f"perceptual 'lpips': linear heads {self.linear_path} not found "
-                                      f"(loss.lpips_linear; the lpips package ships weights/v0.1/vgg.pth)")
+        require_lpips_files(self.vgg_path, self.linear_path)
         import lpips
         import torchvision
         with warnings.catch_warnings():  # lpips builds torchvision's VGG16 with the deprecated `pretrained=`
@@ -166,6 +158,31 @@ class LPIPSLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         return self.net(x_hat.float(), x.float()).mean()
+
+
+def require_lpips_files(vgg_path: Path, linear_path: Path) -> None:
+    """MissingWeightsError naming the first absent file, the key that sets it and where to get it."""
+    if not vgg_path.is_file():
+        raise MissingWeightsError(
+            f"perceptual 'lpips': VGG16 weights {vgg_path} not found. Set loss.lpips_vgg: /path/{VGG16_FILE} "
+            f"or put {VGG16_FILE} in $VFMSTUDY_WEIGHTS_DIR (on an online machine: "
+            f"torchvision.models.vgg16(weights='IMAGENET1K_V1') saves it to ~/.cache/torch/hub/checkpoints), "
+            f"or use loss.perceptual: random_vgg")
+    if not linear_path.is_file():
+        raise MissingWeightsError(f"perceptual 'lpips': linear heads {linear_path} not found "
+                                  f"(loss.lpips_linear; the lpips package ships weights/v0.1/vgg.pth)")
+
+
+def missing_perceptual_file(cfg: LossConfig) -> Optional[str]:
+    """What a run of `cfg` would not find for its perceptual term (None: nothing missing), for
+    dry runs that list every missing file before anything starts."""
+    if cfg.perceptual != "lpips" or cfg.perceptual_weight == 0:
+        return None
+    try:
+        require_lpips_files(*lpips_files(cfg))
+    except MissingWeightsError as err:
+        return str(err)
+    return None
 
 
 def lpips_files(cfg: LossConfig) -> tuple[Path, Path]:
