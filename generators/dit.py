@@ -7,9 +7,14 @@ DiT-DH = a DiT trunk plus a wide, shallow "DDT head":
   final:  AdaLN (shift, scale; no gate) + Linear, both zero-initialised -> velocity
 The plain DiT variant (`ddt_depth = 0`) applies the final layer to the trunk output with c.
 
-Every block: AdaLN-Zero (shift, scale, gate; zero-init), RMSNorm without affine, SwiGLU with
-hidden int(2/3 * mlp_ratio * dim), no qk-norm, 2-D RoPE (head_dim/4 frequencies per axis).
-Time embedding: Gaussian Fourier features (fourier_dim frozen N(0, scale^2) frequencies) -> MLP.
+Every block: AdaLN-Zero (SiLU -> Linear to shift, scale, gate; zero-init), so the trunk's c goes
+through a second SiLU and the head's s' through its first; RMSNorm with a learned gain (eps 1e-6),
+SwiGLU with biases and hidden int(2/3 * mlp_ratio * dim), qkv and output biases, no qk-norm,
+2-D RoPE (head_dim/4 frequencies per axis).
+Time embedding: Gaussian Fourier features of `fourier_freqs` frozen N(0, scale^2) frequencies
+(sin and cos: 2 x fourier_freqs features) -> MLP.  The frozen tables (positions, frequencies)
+are buffers, so `num_params` counts trainable weights plus them (`frozen_params`), as the
+official model holds them as parameters without gradient.
 Labels: table of num_classes + 1 rows (null = num_classes), dropout `class_dropout` in training.
 """
 
@@ -41,7 +46,7 @@ class DiTConfig:
     ddt_heads: int = bounded(4, ge=1)
     mlp_ratio: float = bounded(4.0, gt=0)
     class_dropout: float = bounded(0.1, ge=0, lt=1)
-    fourier_dim: int = bounded(256, ge=1)
+    fourier_freqs: int = bounded(256, ge=1)
     fourier_scale: float = bounded(1.0, gt=0)
     rope_base: float = bounded(10000.0, gt=0)
     norm_eps: float = bounded(1e-6, gt=0)
@@ -79,10 +84,10 @@ DIT_PRESETS = {"DH-tiny": DiTDH_tiny, "DH-S": DiTDH_S, "DH-XL": DiTDH_XL,
 class FourierTimeEmbedder(nn.Module):
     """t (B,) in [0, 1] -> (B, D): [sin, cos](2 pi t W), W ~ N(0, scale^2) frozen, then an MLP."""
 
-    def __init__(self, dim: int, fourier_dim: int = 256, scale: float = 1.0):
+    def __init__(self, dim: int, n_freqs: int = 256, scale: float = 1.0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(fourier_dim // 2) * scale)  # saved: part of the model
-        self.mlp = nn.Sequential(nn.Linear(fourier_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.register_buffer("freqs", torch.randn(n_freqs) * scale)  # saved: part of the model
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = 2 * math.pi * t.float()[:, None] * self.freqs[None]  # (B, F/2)
@@ -136,16 +141,16 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
         super().__init__()
-        self.norm1 = RMSNorm(dim, eps, affine=False)
+        self.norm1 = RMSNorm(dim, eps)
         self.attn = SelfAttention(dim, heads)
-        self.norm2 = RMSNorm(dim, eps, affine=False)
-        self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
-        self.ada = nn.Linear(dim, 6 * dim)  # c already went through SiLU
+        self.norm2 = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim), bias=True)
+        self.ada = nn.Linear(dim, 6 * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         if c.ndim == 2:
             c = c[:, None]  # (B, 1, D) broadcasts over tokens
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -153,14 +158,14 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, eps: float):
         super().__init__()
-        self.norm = RMSNorm(dim, eps, affine=False)
+        self.norm = RMSNorm(dim, eps)
         self.ada = nn.Linear(dim, 2 * dim)
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if c.ndim == 2:
             c = c[:, None]
-        shift, scale = self.ada(c).chunk(2, dim=-1)
+        shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -171,7 +176,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         C, p, D = cfg.in_channels, cfg.patch_size, cfg.dim
         th, tw = cfg.tokens_grid
-        self.t_embedder = FourierTimeEmbedder(D, cfg.fourier_dim, cfg.fourier_scale)
+        self.t_embedder = FourierTimeEmbedder(D, cfg.fourier_freqs, cfg.fourier_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
         self.trunk_embed = PatchEmbed(C, D, p)
         self.register_buffer("pos_embed", sincos_2d(D, th, tw)[None], persistent=False)  # (1, N, D), frozen
@@ -235,4 +240,8 @@ class DiT(nn.Module):
         return self.unpatchify(self.final(h, s))  # (B, C, H, W)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trainable weights plus the frozen tables the official model counts as parameters."""
+        return sum(p.numel() for p in self.parameters()) + self.frozen_params()
+
+    def frozen_params(self) -> int:
+        return self.pos_embed.numel() + self.t_embedder.freqs.numel()

@@ -1,12 +1,12 @@
 """Decoder: a ViT over [token memory | CLS | mask grid | registers], a VQGAN-style CNN
 upsampler, and the semantic branch that predicts the frozen VFM's final features (method §1.3, §2.1).
 
-ViT: pre-LayerNorm blocks, SwiGLU FFN (hidden = 8d/3 rounded up to a multiple of 8), attention
-dropout (0.1 in the paper) through SDPA, a causal mask over the *whole* sequence for the
-discrete tokenizer (bidirectional for VFMAE).  Memory = post-quant tokens + a learnable slot
+ViT: pre-LayerNorm blocks, SwiGLU FFN with biases (hidden = 8d/3 rounded up to a multiple of 8),
+attention dropout (0.1 in the paper) through SDPA, a causal mask over the *whole* sequence for the
+discrete tokenizer (bidirectional for VFMAE), and no final norm after the last block.  Memory = post-quant tokens + a learnable slot
 position table, LayerNorm'ed (norm_post1); pixel queries = CLS + pos[0], one learnable mask
 token repeated over the pixel grid + the VFM-grid position table bicubic-interpolated to the
-pixel grid, and learnable registers (zero init), LayerNorm'ed with the same norm_post1.
+pixel grid (scaled by (grid + 0.1) / VFM grid, as the official code does), and learnable registers (zero init), LayerNorm'ed with the same norm_post1.
 Outputs at the mask positions form a (B, d, ph, pw) map that the CNN upsamples to pixels.
 
 Semantic branch ("semantic reconstruction"):
@@ -66,8 +66,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -91,14 +91,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.causal = causal
         self.blocks = nn.ModuleList([Block(dim, n_heads, attn_dropout) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, prefix: list[KV] | None = None) -> torch.Tensor:
         """(B, T, d) -> (B, T, d); with `prefix` (from `prefix_cache`), x is read as the continuation
         of the sequence the cache was made from."""
         for i, block in enumerate(self.blocks):
             x, _ = block(x, self.causal, None if prefix is None else prefix[i])
-        return self.norm(x)
+        return x
 
     def prefix_cache(self, x: torch.Tensor) -> list[KV]:
         """Each layer's (keys, values) of x as the start of a causal sequence.  Its outputs are not
@@ -204,13 +203,20 @@ class ViTDecoder(nn.Module):
             self.semantic_head = nn.Linear(dim, vfm_width)
 
     def grid_pos(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Position table at the VFM grid, bicubic-interpolated to `grid` when it differs: (h*w, d)."""
+        """Position table at the VFM grid, bicubic-interpolated to `grid` when it differs: (h*w, d).
+        Interpolated by the scale factor (grid + 0.1) / VFM grid, not by the output size: the two
+        place the source samples differently, and the official code uses the factor (the 0.1
+        keeps the floored output size at `grid`)."""
         gh, gw = self.vfm_grid
         table = self.pos[1:]
         if tuple(grid) == (gh, gw):
             return table
         table = table.t().reshape(1, -1, gh, gw)
-        return F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False).flatten(2)[0].t()
+        scale = ((grid[0] + 0.1) / gh, (grid[1] + 0.1) / gw)
+        out = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(out.shape[-2:]) != tuple(grid):
+            raise ValueError(f"position table {gh}x{gw} scaled by {scale} gives {tuple(out.shape[-2:])}, not {grid}")
+        return out.flatten(2)[0].t()
 
     def memory(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm_post1(tokens + self.slot_pos)  # (B, N, d)

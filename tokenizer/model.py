@@ -96,19 +96,6 @@ class FrozenRef:
         return self
 
 
-def levels_with_grad(vfm: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """`vfm.levels(images)` with gradients flowing to `images` (the VFM's own weights stay frozen).
-
-    FrozenVFM.levels is decorated with @torch.no_grad (right for feature extraction); the
-    perceptual substitute and the discriminator's generator term need d(features)/d(images),
-    so call the undecorated function underneath."""
-    fn = getattr(type(vfm).levels, "__wrapped__", type(vfm).levels)
-    feats = fn(vfm, images)
-    if images.requires_grad and torch.is_grad_enabled() and not feats[-1].requires_grad:
-        raise RuntimeError(f"{type(vfm).__name__}.levels does not pass gradients to its input")
-    return feats
-
-
 class VFMTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig, vfm: nn.Module):
         super().__init__()
@@ -152,11 +139,10 @@ class VFMTokenizer(nn.Module):
 
     # ---------------------------------------------------------------- encoder side
     @torch.no_grad()
-    def vfm_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
-        """Frozen features: 4 levels (B, C, h, w) (+ CLS for KV when configured), the semantic
-        target: final patch tokens (B, h*w, C) for vfmtok, [CLS, patches] (B, 1+h*w, C) for vfmae,
-        and the raw levels (no CLS added), which the perceptual substitute reuses."""
-        raw = levels = [f.float() for f in self.vfm.levels(images)]
+    def vfm_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Frozen features: 4 levels (B, C, h, w) (+ CLS for KV when configured) and the semantic
+        target: final patch tokens (B, h*w, C) for vfmtok, [CLS, patches] (B, 1+h*w, C) for vfmae."""
+        levels = [f.float() for f in self.vfm.levels(images)]
         # vfmtok's target: final-norm patch tokens == the last level (saves a second VFM pass)
         final_patches = levels[-1].flatten(2).transpose(1, 2)  # (B, G, C)
         final_with_cls = None
@@ -173,7 +159,7 @@ class VFMTokenizer(nn.Module):
             target = final_patches
         else:
             target = final_with_cls
-        return levels, target, raw
+        return levels, target
 
     def tokens(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return self.sampler(levels)  # (B, N, d)
@@ -186,16 +172,22 @@ class VFMTokenizer(nn.Module):
         return {"latent": latent, "z": self.post_quant(latent.flatten(2).transpose(1, 2)), "vq": {}}
 
     # ---------------------------------------------------------------- public API
+    def encode_parts(self, images: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """The encoder side in fp32 under any autocast (the official code forces fp32 in the
+        encoder's attention): training and `encode` then give the same ids for the same images.
+        Returns the bottleneck's dict and the semantic target."""
+        with torch.autocast(images.device.type, enabled=False):
+            levels, target = self.vfm_features(images.float())
+            return self.quantize(self.tokens(levels)), target
+
     def forward(self, images: torch.Tensor) -> dict:
-        levels, target, raw = self.vfm_features(images)
-        q = self.quantize(self.tokens(levels))
+        q, target = self.encode_parts(images)
         recon, sem_pred = self.decoder.forward_train(q["z"])
-        return {**q, "recon": recon, "sem_pred": sem_pred, "sem_target": target, "vfm_levels": raw}
+        return {**q, "recon": recon, "sem_pred": sem_pred, "sem_target": target}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ids (B, N) long in raster order of the anchor grid, or latents (B, C, s, s)."""
-        levels, _, _ = self.vfm_features(images)
-        q = self.quantize(self.tokens(levels))
+        q, _ = self.encode_parts(images)
         return q["ids"] if self.cfg.kind == "vfmtok" else q["latent"]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -44,10 +44,13 @@ class CosineVQ(nn.Module):
         return F.embedding(ids, self.codes())
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """z (B, N, c) -> (z_q straight-through (B, N, c), ids (B, N), losses)."""
-        z = F.normalize(z.float(), dim=-1)
-        codes = self.codes().float()
-        ids = (z @ codes.t()).argmax(-1)  # (B, N): max cosine = nearest neighbour on the sphere
+        """z (B, N, c) -> (z_q straight-through (B, N, c), ids (B, N), losses).  The search runs in
+        fp32 under any autocast: a bf16 `z @ codes.T` flips near-tied ids, so training would see
+        other codes than `encode` exports."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            codes = self.codes().float()
+            ids = (z @ codes.t()).argmax(-1)  # (B, N): max cosine = nearest neighbour on the sphere
         z_q = F.embedding(ids, codes)  # (B, N, c)
         losses = {"codebook": F.mse_loss(z_q, z.detach()),
                   "commit": self.beta * F.mse_loss(z, z_q.detach())}

@@ -19,20 +19,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from study.config import ConfigError, bounded, config_hash, dump_yaml, load, nonsemantic, parse_cli
+from study.fidelity import VFMAE, VFMTOK, recipe_deviations
 from study.fsio import atomic_write
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
 from tokenizer.discriminator import DinoDiscriminator
-from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
+from tokenizer.losses import (LossConfig, build_perceptual, d_hinge_loss, g_nonsat_loss, perceptual_description,
                               pixel_loss, semantic_loss)
-from tokenizer.model import TokenizerConfig, VFMTokenizer, levels_with_grad
+from tokenizer.model import TokenizerConfig, VFMTokenizer
 from study.metrics.codebook import codebook_stats
 from study.metrics.image import psnr_per_image
 from tokenizer.quantizer import compute_latent_stats
@@ -57,7 +58,8 @@ class TokenizerRunConfig:
     vfm: VFMSpec = field(default_factory=lambda: VFMSpec(name="random:vit_tiny_p4"))
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    disc_vfm: Optional[VFMSpec] = None  # discriminator backbone; None = the tokenizer's own VFM
+    # discriminator backbone: fixed per preset, never the VFM under study (paper: DINO ViT-S/16 at 224)
+    disc_vfm: VFMSpec = field(default_factory=lambda: VFMSpec(name="random:vit_micro_p4"))
     optim: OptimConfig = field(default_factory=_default_optim)
     disc_optim: OptimConfig = field(default_factory=_default_disc_optim)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -65,12 +67,15 @@ class TokenizerRunConfig:
     stats_batches: int = bounded(50, ge=1)  # VFMAE: batches for the per-(channel, position) latent statistics
     # filled in automatically: every departure from the paper's method in this run (logged with the config)
     deviations: list[str] = nonsemantic(default_factory=list)
+    # filled in automatically: the network the perceptual term is computed with (logged with the config)
+    perceptual_network: str = nonsemantic("")
 
     def __post_init__(self):
         if self.model.image_size != self.data.resolution:
             raise ConfigError(f"model.image_size {self.model.image_size} != data.resolution {self.data.resolution} "
                               "(set both to the same value)", key="model.image_size")
         self.deviations = run_deviations(self)
+        self.perceptual_network = perceptual_description(self.loss)
 
     @property
     def semantic_on(self) -> bool:
@@ -90,36 +95,26 @@ def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
         out.append("ablation: semantic reconstruction objective off")
     if m.use_kv_cls:
         out.append("KV features + CLS: the final-layer CLS is added to every level (paper: each level's own CLS)")
-    if loss.perceptual == "feature_matching":
-        out.append("perceptual: feature matching on the frozen VFM levels substitutes LPIPS (no VGG weights offline)")
-    elif loss.perceptual == "none" or loss.perceptual_weight == 0:
-        out.append("perceptual: off (paper: LPIPS weight 1)")
     if loss.gan_weight > 0:
-        out.append("discriminator: heads on the 4 registry levels of a build_vfm backbone, no CLS add, no 224 "
-                   "crop (paper: DINO ViT-S/16, 5 taps)")
         out.append("discriminator is not run before gan_start (paper runs it with zero loss; same parameters)")
     else:
         out.append("GAN off (paper: weight 0.5 from step 20k)")
     if m.kind == "vfmtok":
         out.append("causal decoder registers get no gradient (as in the paper's code); a 0-weighted term keeps DDP happy")
-    return out
+    return out + recipe_deviations(VFMTOK if m.kind == "vfmtok" else VFMAE, cfg)
 
 
 # --------------------------------------------------------------------------- the task
 class TokenizerTask(TrainTask):
     def __init__(self, cfg: TokenizerRunConfig):
         self.cfg = cfg
+        self.perceptual = build_perceptual(cfg.loss)  # first: a missing weight file fails before any data work
         self.train_set = build_dataset(cfg.data, "train")
         self.val_set = build_dataset(cfg.data, "val")
         self.vfm = build_vfm(cfg.vfm)
         seed_everything(cfg.train.seed)  # the init must not depend on what ran before in this process
         self.model = VFMTokenizer(cfg.model, self.vfm)
-        self.disc = None
-        self.disc_shares_vfm = cfg.disc_vfm is None
-        if cfg.loss.gan_weight > 0:
-            backbone = self.vfm if cfg.disc_vfm is None else build_vfm(cfg.disc_vfm)
-            self.disc = DinoDiscriminator(backbone)
-        self.lpips = LPIPSLoss(cfg.loss.lpips_vgg_path) if cfg.loss.perceptual == "lpips" else None
+        self.disc = DinoDiscriminator(build_vfm(cfg.disc_vfm)) if cfg.loss.gan_weight > 0 else None
         self.gan_start = cfg.loss.gan_start_step(cfg.train.steps)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -142,17 +137,9 @@ class TokenizerTask(TrainTask):
         recon = out["recon"]
         parts = {"pixel": pixel_loss(images, recon, lc)}
         core = unwrap(model)
-        feature_matching = lc.perceptual_weight > 0 and lc.perceptual == "feature_matching"
         gan_on = disc is not None and step >= self.gan_start
-        # the frozen VFM's levels of x_hat serve both the perceptual substitute and a discriminator that
-        # shares the VFM: one backbone pass with gradient instead of two (x's levels come with `out`)
-        out["recon_levels"] = None
-        if feature_matching or (gan_on and self.disc_shares_vfm):
-            out["recon_levels"] = levels_with_grad(core.vfm, recon)
-        if feature_matching:
-            parts["perceptual"] = feature_matching_loss(out["vfm_levels"], out["recon_levels"])
-        elif lc.perceptual_weight > 0 and self.lpips is not None:
-            parts["perceptual"] = self.lpips.to(images.device)(images, recon)
+        if self.perceptual is not None:
+            parts["perceptual"] = self.perceptual.to(images.device)(images, recon)
         if self.cfg.semantic_on:
             parts["semantic"] = semantic_loss(out["sem_pred"], out["sem_target"])
         if out["vq"]:
@@ -163,7 +150,7 @@ class TokenizerTask(TrainTask):
         if gan_on:
             # G's adversarial term goes through the *unwrapped* disc: only D's own loss is DDP-synchronised;
             # the disc grads this leaves behind are cleared by D's zero_grad before its backward.
-            logits = unwrap(disc)(taps=out["recon_levels"]) if self.disc_shares_vfm else unwrap(disc)(recon)
+            logits = unwrap(disc)(recon)
             parts["gan_g"] = g_nonsat_loss(logits)
             total = total + lc.gan_weight * parts["gan_g"]
         if self.cfg.model.kind == "vfmtok":
@@ -179,12 +166,8 @@ class TokenizerTask(TrainTask):
         if disc is not None:
             losses["disc"] = None
             if step >= self.gan_start:
-                if self.disc_shares_vfm:  # reuse both images' VFM levels; one forward: one DDP reduction
-                    logits = disc(taps=[torch.cat([r, f.detach()]) for r, f in zip(out["vfm_levels"],
-                                                                                    out["recon_levels"])])
-                else:
-                    logits = disc(torch.cat([images, out["recon"].detach()], 0))
-                real_logits, fake_logits = logits.chunk(2, 0)
+                # one forward (one DDP reduction); real and fake are normalised separately
+                real_logits, fake_logits = disc(torch.cat([images, out["recon"].detach()]), sets=2).chunk(2)
                 losses["disc"] = self.cfg.loss.gan_weight * d_hinge_loss(real_logits, fake_logits)
                 metrics["disc/logits_real"] = real_logits.detach().float().mean()
                 metrics["disc/logits_fake"] = fake_logits.detach().float().mean()
