@@ -11,7 +11,7 @@ is `study.training.Trainer`.
 Public API for the engine and the generators:
     train(cfg, callbacks=()) -> (model, metrics)      EMA model in eval mode
     load_tokenizer(run_dir) -> model                  EMA weights; VFM rebuilt from the saved spec
-    export_codes(model, dataset, path, flip=True)     the generators' `codes.pt`
+    export_codes(model, dataset, path)                the generators' `codes.pt` (tokenizer.export)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
 from tokenizer.discriminator import DinoDiscriminator
+from tokenizer.export import export_codes  # noqa: F401  (re-exported: part of this module's public API)
 from tokenizer.losses import (LossConfig, LPIPSLoss, d_hinge_loss, feature_matching_loss, g_nonsat_loss,
                               pixel_loss, semantic_loss)
 from tokenizer.model import TokenizerConfig, VFMTokenizer, levels_with_grad
@@ -262,39 +263,6 @@ def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu"
         s = torch.load(stats, map_location="cpu")
         model.latent_stats = (s["mean"], s["std"])
     return model.eval().to(map_location)
-
-
-@torch.no_grad()
-def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = True, batch_size: int = 256,
-                 tokenizer_id: str | None = None) -> dict:
-    """Encode a dataset into the generators' cache file (see module docstring of generators)."""
-    model.eval()
-    device = next(model.parameters()).device
-    images = to_tensor_images(dataset.images)
-    codes, codes_flip = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        codes.append(model.encode(x).cpu())
-        if flip:
-            codes_flip.append(model.encode(torch.flip(x, dims=[3])).cpu())
-    payload = {"labels": torch.as_tensor(dataset.labels).long(), "grid": tuple(model.grid),
-               "tokenizer_id": tokenizer_id or getattr(model, "tokenizer_id", f"{model.cfg.kind}-untracked")}
-    key = "tokens" if model.cfg.kind == "vfmtok" else "latents"
-    payload[key] = torch.cat(codes)
-    if flip:
-        payload[f"{key}_flip"] = torch.cat(codes_flip)
-    if key == "latents":
-        if getattr(model, "latent_stats", None) is not None:
-            mean, std = model.latent_stats
-        else:  # statistics of the exported set itself (per channel and position)
-            mean, std = payload["latents"].mean(0), payload["latents"].std(0, unbiased=False)
-        payload["mean"], payload["std"] = mean.float(), std.float()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return payload
 
 
 def main(argv: list[str] | None = None) -> None:
