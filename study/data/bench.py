@@ -84,6 +84,7 @@ class PeakMemory:
 
     def __init__(self, interval_s: float = 0.1):
         self.interval_s, self.rss, self.pss = interval_s, 0, 0
+        self.rss_breakdown_mib: list[tuple[int, int]] = []  # (rss, pss) per process at the RSS peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,13 +99,16 @@ class PeakMemory:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            rss = pss = 0
+            per_process = []
             for process in [me, *me.children(recursive=True)]:
                 try:
                     info = process.memory_full_info()
                 except psutil.Error:  # a worker that just exited
                     continue
-                rss, pss = rss + info.rss, pss + info.pss
+                per_process.append((info.rss, info.pss))
+            rss, pss = sum(r for r, _ in per_process), sum(p for _, p in per_process)
+            if rss > self.rss:
+                self.rss_breakdown_mib = [(round(r / 2 ** 20), round(p / 2 ** 20)) for r, p in per_process]
             self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
             self._stop.wait(self.interval_s)
 
@@ -125,7 +129,8 @@ def stream_rate(root: Path, *, steps: int, batch: int, workers: int, resolution:
     rate = steps * batch / elapsed
     return {"images": len(dataset), "steps": steps, "batch": batch, "workers": workers, "resolution": resolution,
             "images_per_s": round(rate, 1), "images_per_s_per_worker": round(rate / max(workers, 1), 1),
-            "peak_rss_gib": round(memory.rss / GIB, 3), "peak_pss_gib": round(memory.pss / GIB, 3)}
+            "peak_rss_gib": round(memory.rss / GIB, 3), "peak_pss_gib": round(memory.pss / GIB, 3),
+            "at_rss_peak_mib": memory.rss_breakdown_mib}
 
 
 def _stream_in_fresh_process(root: Path, args: argparse.Namespace) -> dict:
