@@ -9,7 +9,10 @@ Data (`data.source`):
              "tokens": LongTensor (N, h*w) [+ optional "tokens_flip" (N, h*w)]          (gpt) or
              "latents": FloatTensor (N, C, h, w), "mean", "std" broadcastable to (C, h, w)
              [+ optional "latents_flip" (N, C, h, w)]                                   (dit).
-             Flip variants (codes of the mirrored image) are used with probability 0.5 per sample.
+             Flip variants (codes of the mirrored image) are used with probability 0.5 per sample;
+             when the file has "tokens_views" (N, V, h*w) / "latents_views" (N, V, C, h, w), codes
+             of V augmented views per image (tokenizer.export), each training draw takes one of
+             them instead.
              Latents are normalised as (z - mean) / (std + 1e-5) (VFMAE convention); a missing
              mean/std is computed per (channel, position) from the file.
   "random" – a synthetic set of `data.num_samples` items (uniform tokens / Gaussian latents),
@@ -54,6 +57,7 @@ class CodesConfig:
     num_samples: int = bounded(256, ge=1)  # size of the synthetic set for source "random"
     seed: int = bounded(0, ge=0)  # synthetic set seed
     flip: bool = True  # use tokens_flip / latents_flip when the file has them
+    views: bool = True  # train on the augmented views (tokens_views / latents_views) when the file has them
 
 
 @dataclass
@@ -117,6 +121,7 @@ class CodeSet:
     x: torch.Tensor
     labels: torch.Tensor
     x_flip: Optional[torch.Tensor] = None
+    x_views: Optional[torch.Tensor] = None  # (N, V, ...) codes of V augmented views per item
     mean: Optional[torch.Tensor] = None  # latent statistics (C, h, w) for de-normalisation
     std: Optional[torch.Tensor] = None
 
@@ -149,13 +154,14 @@ def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
 
     flip_key = "tokens_flip" if cfg.kind == "gpt" else "latents_flip"
     x_flip = blob.get(flip_key) if cfg.data.flip else None
+    x_views = blob.get(flip_key.replace("flip", "views")) if cfg.data.views else None
     if cfg.kind == "gpt":
         check("tokens" in blob, "kind", "no 'tokens' (a continuous codes file? use kind: dit)")
         x = blob["tokens"].long()
         check(grid == tuple(m.grid), "gpt.grid", f"grid {grid} != model grid {tuple(m.grid)} (set gpt.grid: {list(grid)})")
         check(int(x.max()) < m.vocab_size, "gpt.vocab_size", f"token id {int(x.max())} >= vocab_size {m.vocab_size}")
         check(int(labels.max()) < m.num_classes, "gpt.num_classes", f"label {int(labels.max())} >= num_classes")
-        return CodeSet(x, labels, x_flip.long() if x_flip is not None else None)
+        return CodeSet(x, labels, x_flip.long() if x_flip is not None else None, x_views)
     check("latents" in blob, "kind", "no 'latents' (a discrete codes file? use kind: gpt)")
     z = blob["latents"].float()
     check(tuple(z.shape[1:]) == (m.in_channels, *m.grid), "dit",
@@ -164,7 +170,8 @@ def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
     mean = blob.get("mean", z.mean(0)).float().expand(z.shape[1:]).clone()
     std = blob.get("std", z.std(0)).float().expand(z.shape[1:]).clone()
     norm = lambda v: (v.float() - mean) / (std + 1e-5)  # noqa: E731
-    return CodeSet(norm(z), labels, norm(x_flip) if x_flip is not None else None, mean, std)
+    return CodeSet(norm(z), labels, norm(x_flip) if x_flip is not None else None,
+                   norm(x_views) if x_views is not None else None, mean, std)
 
 
 # --------------------------------------------------------------------------- task
@@ -209,7 +216,11 @@ class GeneratorTask(TrainTask):
             mask = epochs == e
             idx[mask] = self._perm(e)[pos[mask] % n]
         x = self.codes.x[idx]
-        if self.codes.x_flip is not None:
+        if self.codes.x_views is not None:  # each draw one of the item's augmented views, like online augmentation
+            g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, 4, step, rank))
+            view = torch.randint(self.codes.x_views.shape[1], (b,), generator=g)
+            x = self.codes.x_views[idx, view].to(x.dtype)
+        elif self.codes.x_flip is not None:
             g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, 3, step, rank))
             flip = torch.rand(b, generator=g) < 0.5
             x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), self.codes.x_flip[idx], x)

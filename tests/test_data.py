@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from study.config import ConfigError, load
-from study.data import (DataConfig, build_dataset, cache_path, center_crop_arr, generate_shapes, iterate_eval,
-                        make_loader, random_crop_arr, random_flip, to_tensor_images, to_uint8)
+from study.data import (DataConfig, UnreadableImageError, build_dataset, cache_path, center_crop_arr, generate_shapes,
+                        iterate_eval, make_loader, random_crop_arr, random_flip, to_tensor_images, to_uint8)
 from study.data import sources
 from study.data.loader import StepBatchKeys
 
@@ -293,3 +293,107 @@ def test_eval_loaders_walk_the_data_in_order(shapes_train):
     assert np.array_equal(to_uint8(torch.cat([images for images, _ in batches])), shapes_train.images)
     ordered = next(make_loader(shapes_train, 8, train=False, seed=0))
     assert np.array_equal(to_uint8(ordered[0]), shapes_train.images[:8])
+
+
+# --------------------------------------------------------------------------- streamed ImageFolder
+def write_jpeg_folder(root, classes=3, per_class=8, seed=0):
+    """root/train/cNN/iNN.JPEG of varied sizes; each image a distinct noise pattern."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / "train" / f"c{c:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            height, width = rng.integers(24, 48), rng.integers(24, 64)
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"i{i:02d}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("imnet"))
+
+
+def folder_train(root, **kw):
+    cfg = DataConfig(**{"name": "imagefolder", "root": str(root), "num_classes": 3, "train_size": 0, "val_size": 0,
+                        "resolution": 16, "augment": True, "cache_dir": str(root / "cache"), **kw})
+    return build_dataset(cfg, "train")
+
+
+def test_imagefolder_streams_from_files_without_an_array_cache(jpeg_root):
+    train = folder_train(jpeg_root)
+    assert len(train) == 24 and train.images.shape == (24, 16, 16, 3)
+    assert not (jpeg_root / "cache").exists()
+    # the lazy view decodes exactly what the eval transform gives for that file
+    with Image.open(train.path(5)) as image:
+        assert np.array_equal(train.images[5], center_crop_arr(image, 16))
+    assert np.array_equal(np.asarray(train.images)[[3, 7]], train.images[[3, 7]])
+
+
+def test_streamed_batches_are_a_function_of_seed_step_rank_world(jpeg_root):
+    train = folder_train(jpeg_root)
+    first = take(make_loader(train, 8, train=True, seed=5, start_step=2, rank=1, world=2), 3)
+    again = take(make_loader(train, 8, train=True, seed=5, start_step=2, rank=1, world=2, num_workers=2), 3)
+    assert_same_batches(first, again)
+    other_rank = take(make_loader(train, 8, train=True, seed=5, start_step=2, rank=0, world=2), 3)
+    other_seed = take(make_loader(train, 8, train=True, seed=6, start_step=2, rank=1, world=2), 3)
+    assert not torch.equal(first[0][0], other_rank[0][0]) and not torch.equal(first[0][0], other_seed[0][0])
+
+
+def test_streamed_resume_equals_the_uninterrupted_stream(jpeg_root):
+    train = folder_train(jpeg_root)
+    # 24 images / batch 8 = 3 steps per epoch: 8 steps cross two epoch boundaries
+    full = take(make_loader(train, 8, train=True, seed=1, rank=0, world=2), 8)
+    resumed = take(make_loader(train, 8, train=True, seed=1, rank=0, world=2, start_step=5), 3)
+    assert_same_batches(full[5:], resumed)
+
+
+def test_streamed_ranks_partition_each_epoch(jpeg_root):
+    train = folder_train(jpeg_root)
+    seen = [images for rank in range(3)
+            for images, _ in take(make_loader(train, 6, train=True, seed=2, rank=rank, world=3, augment=False), 4)]
+    crops = sorted(to_uint8(batch)[i].tobytes() for batch in seen for i in range(len(batch)))
+    assert crops == sorted(image.tobytes() for image in train.images[:])  # every image once: disjoint + covering
+
+
+def test_training_crops_come_from_the_full_image_not_the_centre_square(tmp_path):
+    # a wide image whose outer thirds are white and centre third black: the centre crop is all
+    # black, so white pixels in a training crop can only come from cropping the full image
+    folder = tmp_path / "train" / "c00"
+    folder.mkdir(parents=True)
+    pixels = np.full((40, 120, 3), 255, dtype=np.uint8)
+    pixels[:, 40:80] = 0
+    for i in range(4):
+        Image.fromarray(pixels).save(folder / f"i{i}.png")
+    (tmp_path / "train" / "c01").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "train" / "c01" / "i0.png")
+    train = folder_train(tmp_path, num_classes=2)
+    assert train.images[0].max() < 30
+    crops = to_uint8(torch.cat([images for images, _ in take(make_loader(train, 4, train=True, seed=0), 5)]))
+    assert (crops > 200).any(axis=(1, 2, 3)).mean() > 0.5
+
+
+def test_unreadable_image_is_an_error_naming_the_file(tmp_path):
+    root = write_jpeg_folder(tmp_path, classes=2, per_class=4)
+    bad = root / "train" / "c01" / "i02.JPEG"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    train = folder_train(root, num_classes=2)
+    with pytest.raises(UnreadableImageError, match=r"c01/i02\.JPEG: unreadable image .*on_unreadable: skip"):
+        take(make_loader(train, 8, train=True, seed=0), 1)
+
+
+def test_skipped_unreadable_images_are_replaced_counted_and_warned(tmp_path):
+    root = write_jpeg_folder(tmp_path, classes=2, per_class=4)
+    bad = root / "train" / "c00" / "i01.JPEG"
+    bad.write_text("not an image")
+    train = folder_train(root, num_classes=2, augment=False, on_unreadable="skip")
+    stream = make_loader(train, 8, train=False, seed=0)  # in order: row 1 is the bad file
+    with pytest.warns(UserWarning, match=r"skipped unreadable image .*c00/i01\.JPEG"):
+        images, labels = next(stream)
+    assert images.shape[0] == 8 and stream.skipped == {str(bad): 1}
+    # row 1 is replaced by row 2 (same image, same label), every other row is itself
+    expected = train.images[[0, 2, 2, 3, 4, 5, 6, 7]]
+    assert np.array_equal(to_uint8(images), expected)
+    assert labels.tolist() == train.labels[[0, 2, 2, 3, 4, 5, 6, 7]].tolist()
+    next(stream)
+    assert stream.skipped == {str(bad): 2}

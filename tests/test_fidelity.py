@@ -130,13 +130,13 @@ def test_vq_ids_under_bf16_autocast_equal_fp32_ids():
 
 def test_training_ids_equal_exported_ids(tmp_path):
     from study.data import to_tensor_images
-    from tokenizer.train import export_codes
+    from tokenizer.export import export_codes
     task = tiny_task(tmp_path)
     model = task.model.train()
     x = to_tensor_images(task.val_set.images)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs a bf16 step
         train_ids = model(x)["ids"]
-    exported = export_codes(model, task.val_set, tmp_path / "codes.pt", flip=False)
+    exported = export_codes(model, task.val_set, tmp_path / "codes.pt", views=0)
     assert torch.equal(train_ids, exported["tokens"])
 
 

@@ -288,7 +288,8 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path):
 
 @pytest.mark.parametrize("kind", ["vfmtok", "vfmae"])
 def test_train_load_encode_decode_export(kind, tmp_path):
-    from tokenizer.train import export_codes, load_tokenizer, train
+    from tokenizer.export import export_codes
+    from tokenizer.train import load_tokenizer, train
     extra = [f"model.kind={kind}", "train.steps=2"] + (["model.n_registers=0"] if kind == "vfmae" else [])
     cfg = small_cfg(tmp_path / "run", *extra)
     model, metrics = train(cfg)

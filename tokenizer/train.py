@@ -11,7 +11,7 @@ is `study.training.Trainer`.
 Public API for the engine and the generators:
     train(cfg, callbacks=()) -> (model, metrics)      EMA model in eval mode
     load_tokenizer(run_dir) -> model                  EMA weights; VFM rebuilt from the saved spec
-    export_codes(model, dataset, path, flip=True)     the generators' `codes.pt`
+    tokenizer.export.export_codes(model, dataset, path)  the generators' `codes.pt` (tokenizer.export)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import nn
 
 from study.config import ConfigError, bounded, config_hash, dump_yaml, load, nonsemantic, parse_cli
 from study.fidelity import VFMAE, VFMTOK, recipe_deviations
-from study.fsio import atomic_write
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
@@ -244,35 +243,6 @@ def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu"
         s = torch.load(stats, map_location="cpu", weights_only=True)
         model.latent_stats = (s["mean"], s["std"])
     return model.eval().to(map_location)
-
-
-@torch.no_grad()
-def export_codes(model: VFMTokenizer, dataset, path: str | Path, flip: bool = True, batch_size: int = 256,
-                 tokenizer_id: str | None = None) -> dict:
-    """Encode a dataset into the generators' cache file (see module docstring of generators)."""
-    model.eval()
-    device = next(model.parameters()).device
-    images = to_tensor_images(dataset.images)
-    codes, codes_flip = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        codes.append(model.encode(x).cpu())
-        if flip:
-            codes_flip.append(model.encode(torch.flip(x, dims=[3])).cpu())
-    payload = {"labels": torch.as_tensor(dataset.labels).long(), "grid": tuple(model.grid),
-               "tokenizer_id": tokenizer_id or getattr(model, "tokenizer_id", f"{model.cfg.kind}-untracked")}
-    key = "tokens" if model.cfg.kind == "vfmtok" else "latents"
-    payload[key] = torch.cat(codes)
-    if flip:
-        payload[f"{key}_flip"] = torch.cat(codes_flip)
-    if key == "latents":
-        if getattr(model, "latent_stats", None) is not None:
-            mean, std = model.latent_stats
-        else:  # statistics of the exported set itself (per channel and position)
-            mean, std = payload["latents"].mean(0), payload["latents"].std(0, unbiased=False)
-        payload["mean"], payload["std"] = mean.float(), std.float()
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-    return payload
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,15 +1,17 @@
-"""Data for the study: a procedural shapes dataset, local ImageFolder and CIFAR-10, ADM
-transforms and resumable loaders.  Imports nothing from the engine besides study.config."""
+"""Data for the study: a procedural shapes dataset, CIFAR-10, an ImageFolder streamed from
+disk, ADM transforms and resumable loaders.  Imports nothing from the engine besides study.config."""
 
 from study.data.config import DataConfig, default_cache_dir
-from study.data.loader import iterate_eval, make_loader
+from study.data.imagefolder import ImageFolderDataset, UnreadableImageError
+from study.data.loader import BatchStream, iterate_eval, make_loader
 from study.data.shapes import SHAPE_NAMES, generate_shapes
-from study.data.sources import ImageArrayDataset, build_dataset, cache_path, content_identity
+from study.data.sources import ImageArrayDataset, ImageDataset, build_dataset, cache_path, content_identity
 from study.data.transforms import (adm_augment, center_crop_arr, random_crop_arr, random_flip, to_tensor_images,
                                    to_uint8)
 
 __all__ = [
-    "DataConfig", "ImageArrayDataset", "SHAPE_NAMES", "adm_augment", "build_dataset", "cache_path",
+    "BatchStream", "DataConfig", "ImageArrayDataset", "ImageDataset", "ImageFolderDataset", "SHAPE_NAMES",
+    "UnreadableImageError", "adm_augment", "build_dataset", "cache_path",
     "center_crop_arr", "content_identity", "default_cache_dir", "generate_shapes", "iterate_eval", "make_loader",
     "random_crop_arr", "random_flip", "to_tensor_images", "to_uint8",
 ]

@@ -30,6 +30,9 @@ class DataConfig:
     seed: int = 0
     root: Optional[str] = None  # imagefolder: root/{train,val}/CLASS/*.JPEG; cifar10: holds cifar-10-batches-py
     augment: bool = False  # ADM random resize-crop + horizontal flip on training batches
+    # imagefolder: an unreadable file stops the run ("error") or is replaced by the next readable
+    # image in the stream, counted and warned about ("skip")
+    on_unreadable: Literal["error", "skip"] = "error"
     cache_dir: str = nonsemantic(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:

@@ -6,20 +6,25 @@ is a contiguous slice of it and rank r takes the r-th per-rank slice of that, so
 disjoint within an epoch (like DistributedSampler) and the global batch does not depend on
 the world size.  Each sample's augmentation draws from a generator seeded by
 (seed, epoch, position in epoch), so neither worker count nor resume point changes a pixel.
+Images are loaded (and, for an ImageFolder, decoded) in the DataLoader workers, one batch per
+worker task.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import warnings
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from study.data.sources import ImageArrayDataset
-from study.data.transforms import adm_augment, to_tensor_images
+from study.data.imagefolder import UnreadableImageError
+from study.data.sources import ImageDataset
+from study.data.transforms import to_tensor_images
 
 # (dataset rows (b,), per-sample seeds (b, 3) = (seed, epoch, position))
 BatchKey = tuple[np.ndarray, np.ndarray]
@@ -58,24 +63,65 @@ class StepBatchKeys:
         return (self.key(step) for step in itertools.count(self.start_step))
 
 
+# how many consecutive unreadable files a skip may pass over before the data is deemed broken
+MAX_CONSECUTIVE_UNREADABLE = 64
+
+
 class BatchFetcher(Dataset):
     """Map-style dataset whose items are whole batches, addressed by BatchKey: uint8 images
-    (b, H, W, 3) and int64 labels (b,)."""
+    (b, H, W, 3), int64 labels (b,) and the paths of unreadable files skipped on the way.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
-        self.images, self.labels, self.augment = images, labels, augment
+    A skipped file is replaced by the next readable row (row + 1, row + 2, ...) with the same
+    augmentation seed: a fixed file set still gives a pure function of the key."""
+
+    def __init__(self, dataset: ImageDataset, augment: bool):
+        self.dataset, self.augment = dataset, augment
+        self.skip_unreadable = dataset.on_unreadable == "skip"
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.dataset)
 
-    def __getitem__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
         rows, seeds = key
-        if self.augment:
-            batch = np.stack([adm_augment(self.images[row], np.random.default_rng(sample_seed))
-                              for row, sample_seed in zip(rows, seeds)])
-        else:
-            batch = self.images[rows]
-        return torch.from_numpy(batch), torch.from_numpy(self.labels[rows])
+        images, labels, skipped = [], [], []
+        for row, sample_seed in zip(rows.tolist(), seeds):
+            image, used = self._load(row, sample_seed, skipped)
+            images.append(image)
+            labels.append(self.dataset.labels[used])
+        return torch.from_numpy(np.stack(images)), torch.as_tensor(np.array(labels, dtype=np.int64)), tuple(skipped)
+
+    def _load(self, row: int, sample_seed: np.ndarray, skipped: list[str]) -> tuple[np.ndarray, int]:
+        for offset in range(MAX_CONSECUTIVE_UNREADABLE):
+            used = (row + offset) % len(self.dataset)
+            rng = np.random.default_rng(sample_seed) if self.augment else None
+            try:
+                return self.dataset.load(used, rng), used
+            except UnreadableImageError as err:
+                if not self.skip_unreadable:
+                    raise
+                skipped.append(err.path)
+        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from {skipped[0]} on; "
+                           "check the dataset copy")
+
+
+class BatchStream:
+    """Iterator of (images float32 (b, 3, H, W) in [-1, 1], labels int64 (b,)).  `skipped`
+    counts the unreadable files replaced so far (path -> times); each is also warned about once."""
+
+    def __init__(self, loader: DataLoader):
+        self._batches = iter(loader)
+        self.skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, skipped = next(self._batches)
+        for path in skipped:
+            if path not in self.skipped:
+                warnings.warn(f"skipped unreadable image {path} (data.on_unreadable: skip)", stacklevel=2)
+            self.skipped[path] += 1
+        return to_tensor_images(images), labels
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -86,9 +132,8 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: ImageArrayDataset, batch_size: int, *, train: bool, seed: int, start_step: int = 0,
-                rank: int = 0, world: int = 1, num_workers: int = 0,
-                augment: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: int, start_step: int = 0,
+                rank: int = 0, world: int = 1, num_workers: int = 0, augment: bool | None = None) -> BatchStream:
     """Infinite stream of (images float32 (b, 3, H, W) in [-1, 1], labels int64 (b,)) with
     b = batch_size // world; item k is the batch of step start_step + k.  `train=False`
     walks the data in order without augmentation; `augment=None` means train and
@@ -96,13 +141,13 @@ def make_loader(dataset: ImageArrayDataset, batch_size: int, *, train: bool, see
     use_augment = (train and dataset.augment) if augment is None else augment
     keys = StepBatchKeys(len(dataset), batch_size, seed=seed, start_step=start_step, rank=rank,
                          world=world, shuffle=train)
-    loader = DataLoader(BatchFetcher(dataset.images, dataset.labels, use_augment), sampler=keys,
+    loader = DataLoader(BatchFetcher(dataset, use_augment), sampler=keys,
                         batch_size=None, num_workers=num_workers, worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
-    return ((to_tensor_images(images), labels) for images, labels in loader)
+    return BatchStream(loader)
 
 
-def iterate_eval(dataset: ImageArrayDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_eval(dataset: ImageDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every image once, in order, without augmentation (the last batch may be smaller)."""
     for start in range(0, len(dataset), batch_size):
         end = start + batch_size

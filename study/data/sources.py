@@ -1,5 +1,6 @@
-"""Datasets as uint8 arrays: generated (shapes) or read from local files (ImageFolder,
-CIFAR-10), cached on disk under a hash of everything that determines their content.
+"""Datasets: small ones as uint8 arrays, generated (shapes) or read from local files
+(CIFAR-10), cached on disk under a hash of everything that determines their content; an
+ImageFolder as a file list streamed from disk.
 
 Nothing is ever downloaded: a missing file is a ConfigError that names the path expected."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -16,14 +17,14 @@ from PIL import Image
 from study.config import ConfigError, config_hash
 from study.data.config import DataConfig
 from study.data.shapes import SHAPE_NAMES, generate_shapes
-from study.data.transforms import center_crop_arr
+from study.data.imagefolder import ImageFolderDataset, scan_split
+from study.data.transforms import adm_augment, center_crop_arr
 from study.fsio import atomic_write
 
 Split = Literal["train", "val"]
 SPLIT_INDEX = {"train": 0, "val": 1}
 # bump when a generator or loader changes what it produces, so old caches are not reused
 DATA_FORMAT_VERSION = "data-v1"
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -36,6 +37,7 @@ class ImageArrayDataset:
     class_names: tuple[str, ...]
     identity: str  # hash of the content recipe: a cache key for anything derived from it
     augment: bool = False  # whether training loaders augment by default
+    on_unreadable: ClassVar[str] = "error"  # arrays in memory are always readable
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -49,6 +51,14 @@ class ImageArrayDataset:
     @property
     def resolution(self) -> int:
         return self.images.shape[1]
+
+    def load(self, row: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """Image `row` as stored (rng None) or ADM-augmented with draws from rng."""
+        return self.images[row] if rng is None else adm_augment(self.images[row], rng)
+
+
+# What loaders accept: images (N, S, S, 3) indexable, labels, `load(row, rng)`, `on_unreadable`.
+ImageDataset = Union[ImageArrayDataset, ImageFolderDataset]
 
 
 def split_size(cfg: DataConfig, split: Split) -> int:
@@ -72,10 +82,13 @@ def cache_path(cfg: DataConfig, split: Split) -> Path:
     return Path(cfg.cache_dir).expanduser() / name
 
 
-def build_dataset(cfg: DataConfig, split: Split) -> ImageArrayDataset:
-    """The split described by `cfg`, from the cache when it is there, else built and cached."""
+def build_dataset(cfg: DataConfig, split: Split) -> ImageDataset:
+    """The split described by `cfg`: an ImageFolder streams from its files; the small sets
+    (shapes, CIFAR-10) come from the array cache when it is there, else are built and cached."""
     if split not in SPLIT_INDEX:
         raise ConfigError(f"split must be 'train' or 'val', got {split!r}", key="split")
+    if cfg.name == "imagefolder":
+        return build_imagefolder(cfg, split)
     path = cache_path(cfg, split)
     if path.is_file():
         with np.load(path) as cached:
@@ -115,7 +128,8 @@ def _imagefolder_classes(root: Path, split_dir: Path, num_classes: int) -> list[
     return classes[:num_classes]
 
 
-def _build_imagefolder(cfg: DataConfig, split: Split) -> Built:
+def build_imagefolder(cfg: DataConfig, split: Split) -> ImageFolderDataset:
+    """The split's file list (the images stay on disk; see study.data.imagefolder)."""
     root = Path(cfg.root).expanduser()
     split_dir = root / split
     if not split_dir.is_dir():
@@ -123,21 +137,14 @@ def _build_imagefolder(cfg: DataConfig, split: Split) -> Built:
                           f"{split_dir}/CLASS_NAME/*.JPEG; copy the images there or set root: elsewhere, "
                           "nothing is downloaded)", key="root")
     classes = _imagefolder_classes(root, split_dir, cfg.num_classes)
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        files += found
-        labels += [label] * len(found)
-    if not files:
+    paths, labels = scan_split(split_dir, classes)
+    if not len(paths):
         raise ConfigError(f"no images (*.JPEG, *.png, ...) under {split_dir}/CLASS_NAME/", key="root")
-    keep = _seeded_subset(len(files), cfg, split)
-    images = np.stack([_read_center_crop(files[i], cfg.resolution) for i in keep])
-    return images, np.asarray(labels, dtype=np.int64)[keep], tuple(classes)
-
-
-def _read_center_crop(path: Path, resolution: int) -> np.ndarray:
-    with Image.open(path) as image:
-        return center_crop_arr(image, resolution)
+    keep = _seeded_subset(len(paths), cfg, split)
+    return ImageFolderDataset(split_dir=str(split_dir), relative_paths=paths[keep], labels=labels[keep],
+                              num_classes=cfg.num_classes, class_names=tuple(classes),
+                              identity=content_identity(cfg, split), resolution=cfg.resolution,
+                              augment=cfg.augment, on_unreadable=cfg.on_unreadable)
 
 
 def _cifar_dir(root: str) -> Path:
@@ -172,4 +179,4 @@ def _build_cifar10(cfg: DataConfig, split: Split) -> Built:
     return np.ascontiguousarray(images), labels, CIFAR10_NAMES[:cfg.num_classes]
 
 
-_BUILDERS = {"shapes": _build_shapes, "imagefolder": _build_imagefolder, "cifar10": _build_cifar10}
+_BUILDERS = {"shapes": _build_shapes, "cifar10": _build_cifar10}

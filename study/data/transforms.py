@@ -1,5 +1,5 @@
-"""ADM-style crops (guided-diffusion's center/random crop, see method.md §1.5) and the
-uint8 <-> [-1, 1] tensor conversions.  All randomness comes from an explicit
+"""ADM-style crops (guided-diffusion's center/random crop, which the VFMTok recipe trains and
+evaluates with) and the uint8 <-> [-1, 1] tensor conversions.  All randomness comes from an explicit
 `np.random.Generator`, so an augmented sample is a pure function of its seed."""
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, Re
 from study.stages import StageContext, StageResult, register_stage
 from generators.train import load_generator, train as train_generator
 from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
-from tokenizer.train import export_codes, load_tokenizer, train as train_tokenizer
+from tokenizer.export import export_codes
+from tokenizer.train import load_tokenizer, train as train_tokenizer
 from tokenizer.vfm import VFMSpec, build_vfm
 
 SPEC = "spec"  # vfm output: the backbone spec with the weights it was built from
