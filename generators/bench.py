@@ -210,10 +210,10 @@ def bench_dit(size: str, device, batch: int, grid: int, dtype, steps: int) -> di
 
 
 # --------------------------------------------------------------------------- side by side with LlamaGen
-SIDE_BY_SIDE = [  # (row, preset, grid side, vocabulary): what the sampler is compared on
-    ("64 tokens", "tiny", 8, 512),
-    ("256 tokens, vocab 16k", "tiny", 16, 16384),
-    ("GPT-B, 64 tokens, vocab 16k", "B", 8, 16384),
+SIDE_BY_SIDE = [  # (row, preset, grid side, vocabulary, batches): what the sampler is compared on
+    ("64 tokens", "tiny", 8, 512, (8, 32)),
+    ("256 tokens, vocab 16k", "tiny", 16, 16384, (8, 32)),
+    ("GPT-B, 64 tokens, vocab 16k", "B", 8, 16384, (8,)),
 ]
 
 
@@ -265,10 +265,10 @@ def gpt_loss(model: GPT, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(model(tokens[:, :-1], labels).flatten(0, 1), tokens.flatten())
 
 
-def side_by_side(pairs: int, batches: list[int], train_grid: int, sampling: dict) -> None:
+def side_by_side(pairs: int, train_grid: int, sampling: dict) -> None:
     print(f"CPU threads={torch.get_num_threads()}  {pairs} alternating pairs  sampling {sampling}")
     print(f"{'configuration':<30}{'batch':>6}{'ours ms':>10}{'LlamaGen ms':>13}{'ratio':>8}")
-    for name, size, grid, vocab in SIDE_BY_SIDE:
+    for name, size, grid, vocab, batches in SIDE_BY_SIDE:
         for batch in batches:
             r = compare_sampling(size, grid, vocab, batch, pairs, **sampling)
             print(f"{name:<30}{batch:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x", flush=True)
@@ -288,7 +288,6 @@ def main(argv=None) -> None:
     parser.add_argument("--vs-llamagen", action="store_true", help="side by side with LlamaGen's algorithms (CPU)")
     parser.add_argument("--pairs", type=int, default=5, help="--vs-llamagen: alternating pairs per row")
     parser.add_argument("--threads", type=int, default=2, help="--vs-llamagen: CPU threads")
-    parser.add_argument("--batches", default="8,32", help="--vs-llamagen: sampling batch sizes")
     parser.add_argument("--train-grid", type=int, default=16, help="--vs-llamagen: grid side of the training step")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=0)
@@ -297,7 +296,7 @@ def main(argv=None) -> None:
     if args.vs_llamagen:
         torch.set_num_threads(args.threads)
         sampling = {"cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p}
-        return side_by_side(args.pairs, [int(b) for b in args.batches.split(",")], args.train_grid, sampling)
+        return side_by_side(args.pairs, args.train_grid, sampling)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)

@@ -120,7 +120,6 @@ def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- generation
-@torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0,
              cfg_schedule: Literal["constant", "linear"] = "constant", cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -132,44 +131,45 @@ def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0,
     the guided logits equal the conditional ones, so the doubling is skipped to save compute).
     use_cache=False recomputes the full prefix at every step (reference path for tests).
     """
-    device = labels.device
-    if generator is None:
-        generator = torch.Generator(device)
-        generator.manual_seed(0 if seed is None else seed)
-    B, L = labels.shape[0], model.cfg.seq_len
-    guided = (cfg_scale != 1.0) if cfg_batch is None else cfg_batch
-    run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    with torch.inference_mode():  # lighter than no_grad per op; the clone below is a normal tensor
+        device = labels.device
+        if generator is None:
+            generator = torch.Generator(device)
+            generator.manual_seed(0 if seed is None else seed)
+        B, L = labels.shape[0], model.cfg.seq_len
+        guided = (cfg_scale != 1.0) if cfg_batch is None else cfg_batch
+        run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
 
-    def next_token(hidden: torch.Tensor, index: int) -> torch.Tensor:  # (B', D) head input -> (B, 1)
-        if guided:
-            hidden = guide(hidden.float(), index, L, scale=cfg_scale, schedule=cfg_schedule, interval=cfg_interval)
-        logits = model.logits(hidden)
-        return sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        def next_token(hidden: torch.Tensor, index: int) -> torch.Tensor:  # (B', D) head input -> (B, 1)
+            if guided:
+                hidden = guide(hidden.float(), index, L, scale=cfg_scale, schedule=cfg_schedule, interval=cfg_interval)
+            logits = model.logits(hidden)
+            return sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    def doubled(token: torch.Tensor) -> torch.Tensor:
-        return torch.cat([token, token]) if guided else token
+        def doubled(token: torch.Tensor) -> torch.Tensor:
+            return torch.cat([token, token]) if guided else token
 
-    was_training = model.training
-    model.eval()
-    tokens = torch.empty(B, L, dtype=torch.long, device=device)
-    try:
-        if use_cache:
-            model.setup_caches(run_labels.shape[0], _cache_dtype(model, device), device)
-            decode = _decode_fn(compile)
-            positions = torch.arange(L + 1, device=device)
-            # eager decoding attends to the filled slots only; compiled decoding keeps static shapes
-            filled = (lambda n: None) if compile else (lambda n: n)
-            hidden = prefill(model, run_labels, positions[:1], filled(1))
-            for i in range(L):
-                tokens[:, i:i + 1] = next_token(hidden, i)
-                if i + 1 < L:
-                    hidden = decode(model, doubled(tokens[:, i:i + 1]), positions[i + 1:i + 2], filled(i + 2))
-        else:
-            for i in range(L):
-                embeddings = model.embed(doubled(tokens[:, :i]), run_labels)
-                hidden = model.hidden_states(embeddings)[:, -1]
-                tokens[:, i:i + 1] = next_token(hidden, i)
-    finally:
-        model.clear_caches()
-        model.train(was_training)
-    return tokens
+        was_training = model.training
+        model.eval()
+        tokens = torch.empty(B, L, dtype=torch.long, device=device)
+        try:
+            if use_cache:
+                model.setup_caches(run_labels.shape[0], _cache_dtype(model, device), device)
+                decode = _decode_fn(compile)
+                positions = torch.arange(L + 1, device=device)
+                # eager decoding attends to the filled slots only; compiled decoding keeps static shapes
+                kv_len = (lambda i: None) if compile else (lambda i: i + 1)  # after writing position i
+                hidden = prefill(model, run_labels, positions[:1], kv_len(0))
+                for i in range(L):
+                    tokens[:, i:i + 1] = next_token(hidden, i)
+                    if i + 1 < L:
+                        hidden = decode(model, doubled(tokens[:, i:i + 1]), positions[i + 1:i + 2], kv_len(i + 1))
+            else:
+                for i in range(L):
+                    embeddings = model.embed(doubled(tokens[:, :i]), run_labels)
+                    hidden = model.hidden_states(embeddings)[:, -1]
+                    tokens[:, i:i + 1] = next_token(hidden, i)
+        finally:
+            model.clear_caches()
+            model.train(was_training)
+    return tokens.clone()
