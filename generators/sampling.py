@@ -6,6 +6,12 @@ class, and logits = u + s_i * (c - u).  The scale s_i is constant (LlamaGen) or 
 over token positions, s_i = 1 + (s - 1) * (i + 1) / L (the "linear" schedule of later AR work;
 not in VFMTok).  `cfg_interval = k >= 0` switches guidance off for tokens with index > k
 (LlamaGen's flag; -1 = never).  Seeded through an explicit torch.Generator, batched.
+
+Per decoded token the work is kept to what the draw needs: guidance is applied to the head's
+input (the head is linear and bias-free, so the result equals guiding the logits, at half the
+head's cost), eager decoding attends to the filled cache slots only, and the token is drawn by
+inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry.
+The draw's distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
 """
 
 from __future__ import annotations
