@@ -4,11 +4,10 @@ against LlamaGen's algorithms (generators.bench), and the filled-slot decoding p
 import pytest
 import torch
 from scipy.stats import chisquare
-from torch import nn
 
 from generators.bench import gpt_loss, llamagen_generate, llamagen_loss, random_gpt
-from generators.gpt import GPT, GPTConfig
 from generators.sampling import generate, logits_to_probs, sample_token
+from tests.test_generators import small_gpt
 
 SETTINGS = [  # sampling options the draw must honour
     {"temperature": 1.0},
@@ -17,15 +16,6 @@ SETTINGS = [  # sampling options the draw must honour
     {"temperature": 1.0, "top_p": 0.8},
     {"temperature": 0.8, "top_k": 12, "top_p": 0.9},
 ]
-
-
-def small_gpt(**kw) -> GPT:
-    """Random tiny GPT with a non-zero head (the zero-initialised head would make every logit 0)."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(**{"vocab_size": 64, "grid": (4, 4), "num_classes": 5, "dim": 32, "depth": 2, "heads": 2, **kw})
-    model = GPT(cfg)
-    nn.init.normal_(model.head.weight, std=0.5)
-    return model.eval()
 
 
 def draw_counts(logits: torch.Tensor, n: int, seed: int = 0, **sampling) -> torch.Tensor:
