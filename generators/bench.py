@@ -117,29 +117,30 @@ def llamagen_generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.
     """LlamaGen's c2i `generate` (prefill, then `decode_n_tokens`); temperature 0 = its greedy
     `sample_logits=False`.  Seed with torch.manual_seed: it draws from the global generator."""
     model.eval()
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    B, L, cfg = labels.shape[0], model.cfg.seq_len, model.cfg
-    cond = torch.cat([labels, torch.ones_like(labels) * model.null_class]) if cfg_scale > 1.0 else labels
-    rows, S = cond.shape[0], find_multiple(1 + L, 8)
-    dtype = model.tok_emb.weight.dtype
-    caches = [(torch.zeros(rows, cfg.heads, S, cfg.head_dim, dtype=dtype),
-               torch.zeros(rows, cfg.heads, S, cfg.head_dim, dtype=dtype)) for _ in model.blocks]
-    causal_mask = torch.tril(torch.ones(S, S, dtype=torch.bool)).unsqueeze(0).repeat(rows, 1, 1)
-    seq = torch.empty(B, 1 + L, dtype=torch.int)
-    logits = _ll_forward(model, None, cond, torch.arange(0, 1), caches, causal_mask)
-    token = _ll_guided_sample(logits, cfg_scale, True, **sampling)[0]
-    seq[:, 1:2] = token
-    input_pos, new_tokens, new_probs = torch.tensor([1], dtype=torch.int), [], []
-    for i in range(L - 1):
-        x = torch.cat([token, token]) if cfg_scale > 1.0 else token
-        logits = _ll_forward(model, x, None, input_pos, caches, causal_mask)
-        token, probs = _ll_guided_sample(logits, cfg_scale, not (cfg_interval > -1 and i > cfg_interval), **sampling)
-        input_pos += 1
-        new_tokens.append(token.clone())
-        new_probs.append(probs.clone())
-        token = token.view(-1, 1)
-    seq[:, 2:] = torch.cat(new_tokens, dim=1)
-    return seq[:, 1:]
+    with torch.device(labels.device):  # LlamaGen allocates its caches and positions there
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        B, L, cfg = labels.shape[0], model.cfg.seq_len, model.cfg
+        cond = torch.cat([labels, torch.ones_like(labels) * model.null_class]) if cfg_scale > 1.0 else labels
+        rows, S = cond.shape[0], find_multiple(1 + L, 8)
+        dtype = model.tok_emb.weight.dtype
+        caches = [(torch.zeros(rows, cfg.heads, S, cfg.head_dim, dtype=dtype),
+                   torch.zeros(rows, cfg.heads, S, cfg.head_dim, dtype=dtype)) for _ in model.blocks]
+        causal_mask = torch.tril(torch.ones(S, S, dtype=torch.bool)).unsqueeze(0).repeat(rows, 1, 1)
+        seq = torch.empty(B, 1 + L, dtype=torch.int)
+        logits = _ll_forward(model, None, cond, torch.arange(0, 1), caches, causal_mask)
+        token = _ll_guided_sample(logits, cfg_scale, True, **sampling)[0]
+        seq[:, 1:2] = token
+        input_pos, new_tokens, new_probs = torch.tensor([1], dtype=torch.int), [], []
+        for i in range(L - 1):
+            x = torch.cat([token, token]) if cfg_scale > 1.0 else token
+            logits = _ll_forward(model, x, None, input_pos, caches, causal_mask)
+            token, probs = _ll_guided_sample(logits, cfg_scale, not (cfg_interval > -1 and i > cfg_interval), **sampling)
+            input_pos += 1
+            new_tokens.append(token.clone())
+            new_probs.append(probs.clone())
+            token = token.view(-1, 1)
+        seq[:, 2:] = torch.cat(new_tokens, dim=1)
+        return seq[:, 1:]
 
 
 def llamagen_loss(model: GPT, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
