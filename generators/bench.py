@@ -134,7 +134,8 @@ def llamagen_generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.
         for i in range(L - 1):
             x = torch.cat([token, token]) if cfg_scale > 1.0 else token
             logits = _ll_forward(model, x, None, input_pos, caches, causal_mask)
-            token, probs = _ll_guided_sample(logits, cfg_scale, not (cfg_interval > -1 and i > cfg_interval), **sampling)
+            guide = not (cfg_interval > -1 and i > cfg_interval)
+            token, probs = _ll_guided_sample(logits, cfg_scale, guide, **sampling)
             input_pos += 1
             new_tokens.append(token.clone())
             new_probs.append(probs.clone())
