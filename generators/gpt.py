@@ -101,15 +101,17 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, rope, mask=None, input_pos=None):
+    def forward(self, x, rope, mask=None, input_pos=None, kv_len=None):
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        (q, k), v = apply_rope(qkv[:2], rope), qkv[2]  # q and k rotated in one pass
         if input_pos is None:  # full sequence, causal
             drop = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:  # cached decoding: attend over the whole static cache, masked to the filled prefix
+        else:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, H, S, Dh)
+            if kv_len is not None:  # one new query: it sees exactly the kv_len filled slots, no mask
+                k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], None
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.resid_drop(self.wo(y))
@@ -123,8 +125,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.hidden, cfg.ffn_dropout)
 
-    def forward(self, x, rope, mask=None, input_pos=None):
-        x = x + self.attn(self.attn_norm(x), rope, mask, input_pos)
+    def forward(self, x, rope, mask=None, input_pos=None, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, input_pos, kv_len)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -168,20 +170,36 @@ class GPT(nn.Module):
     def forward(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Full (cache-free) pass. prefix (B, T) tokens, 0 <= T < L -> logits (B, T+1, V); output i
         predicts token i. Training passes tokens[:, :-1] and takes cross-entropy against tokens."""
-        h = torch.cat([self.embed_class(labels), self.tok_emb(prefix)], dim=1)  # (B, T+1, D)
-        return self.forward_embeddings(h)
+        return self.forward_embeddings(self.embed(prefix, labels))
+
+    def embed(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """prefix (B, T) tokens, labels (B,) -> embedded sequence (B, T+1, D), class token first."""
+        return torch.cat([self.embed_class(labels), self.tok_emb(prefix)], dim=1)
 
     def forward_embeddings(self, h: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h (B, T, D) at sequence positions input_pos (T,) (None: 0..T-1, no cache) -> logits (B, T, V) fp32."""
+        return self.logits(self.hidden_states(h, input_pos))
+
+    def hidden_states(self, h: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                      kv_len: Optional[int] = None) -> torch.Tensor:
+        """h (B, T, D) -> final normed hidden states (B, T, D), the input of the linear head.
+        kv_len: cached decoding of one token at position kv_len - 1, attending to the filled
+        cache prefix only (input_pos alone masks the whole static cache, for fixed shapes)."""
         T = h.shape[1]
         h = self.tok_drop(h)
         if input_pos is None:
             rope, mask = self.rope[:T], None
-        else:
+        elif kv_len is None:
             rope, mask = self.rope[input_pos], self.causal_mask[None, None, input_pos]  # (T, Dh/2, 2), (1, 1, T, S)
+        else:
+            rope, mask = self.rope[kv_len - 1:kv_len], None
         for block in self.blocks:
-            h = block(h, rope, mask, input_pos)
-        return self.head(self.norm(h)).float()
+            h = block(h, rope, mask, input_pos, kv_len)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Bias-free linear head, fp32 logits; being linear, guidance may be applied before it."""
+        return self.head(hidden).float()
 
     # ---------------------------------------------------------------- KV cache management
     def setup_caches(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -6,6 +6,12 @@ class, and logits = u + s_i * (c - u).  The scale s_i is constant (LlamaGen) or 
 over token positions, s_i = 1 + (s - 1) * (i + 1) / L (the "linear" schedule of later AR work;
 not in VFMTok).  `cfg_interval = k >= 0` switches guidance off for tokens with index > k
 (LlamaGen's flag; -1 = never).  Seeded through an explicit torch.Generator, batched.
+
+Per decoded token the work is kept to what the draw needs: guidance is applied to the head's
+input (the head is linear and bias-free, so the result equals guiding the logits, at half the
+head's cost), eager decoding attends to the filled cache slots only, and the token is drawn by
+inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry.
+The draw's distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
 """
 
 from __future__ import annotations
@@ -39,17 +45,40 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample_token` draws from, written out in full (B, V)."""
     logits = logits / max(temperature, 1e-5)
     return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(-1)
 
 
+def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The logits a draw can pick from, and their vocabulary ids (None: all, in order). Nucleus
+    sampling needs them sorted by decreasing probability; top-k keeps only k of them."""
+    if 0 < top_k < logits.shape[-1]:
+        return torch.topk(logits, top_k, dim=-1, sorted=top_p < 1.0)
+    if top_p < 1.0:
+        return torch.sort(logits, dim=-1, descending=True)
+    return logits, None
+
+
 def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(B, V) logits -> (B, 1) tokens; temperature 0 means greedy (argmax)."""
+    """(B, V) logits -> (B, 1) tokens drawn from `logits_to_probs`; temperature 0 means greedy (argmax).
+
+    One inverse-CDF draw per row: a single uniform number against the float64 running sum of the
+    unnormalised probabilities, instead of `multinomial`'s random number per vocabulary entry.
+    Top-k draws among the k largest logits only (ties at the k-th value: topk keeps k of them)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator)
+    values, ids = _candidates(logits, top_k, top_p)
+    weights = ((values - values.amax(-1, keepdim=True)) / max(temperature, 1e-5)).exp_()  # (B, K) unnormalised
+    cumulative = weights.cumsum(-1, dtype=torch.float64)
+    total = cumulative[:, -1:]
+    if top_p < 1.0:  # sorted: the nucleus is the prefix whose preceding mass is below top_p
+        kept = ((cumulative - weights) < top_p * total).sum(-1, keepdim=True)
+        total = cumulative.gather(-1, kept - 1)
+    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator) * total
+    pick = torch.searchsorted(cumulative, u, right=True).clamp_(max=values.shape[-1] - 1)
+    return pick if ids is None else ids.gather(-1, pick)
 
 
 def cfg_scale_at(index: int, length: int, scale: float, schedule: Literal["constant", "linear"] = "constant") -> float:
@@ -58,23 +87,25 @@ def cfg_scale_at(index: int, length: int, scale: float, schedule: Literal["const
     return 1.0 + (scale - 1.0) * (index + 1) / length
 
 
-def guide_logits(logits: torch.Tensor, index: int, length: int, *, scale: float, schedule: str, interval: int) -> torch.Tensor:
-    """(2B, V) [cond; uncond] logits -> (B, V) guided logits for token `index`."""
-    cond, uncond = logits.chunk(2)
+def guide(x: torch.Tensor, index: int, length: int, *, scale: float, schedule: str, interval: int) -> torch.Tensor:
+    """(2B, ...) [cond; uncond] -> (B, ...) guided, u + s (c - u), for token `index`. Applied to the
+    head's input: the head is linear without bias, so this equals guiding the logits."""
+    cond, uncond = x.chunk(2)
     if interval > -1 and index > interval:
         return cond
     return uncond + cfg_scale_at(index, length, scale, schedule) * (cond - uncond)
 
 
 # --------------------------------------------------------------------------- model steps
-def prefill(model: GPT, labels: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Run the class token at position 0, filling the caches; -> (B, V) logits of token 0."""
-    return model.forward_embeddings(model.embed_class(labels), input_pos)[:, -1]
+def prefill(model: GPT, labels: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+    """Run the class token at position 0, filling the caches; -> (B, D) head input of token 0."""
+    return model.hidden_states(model.embed_class(labels), input_pos, kv_len)[:, -1]
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """token (B, 1) at position input_pos (1,) -> (B, V) logits of the next token."""
-    return model.forward_embeddings(model.tok_emb(token), input_pos)[:, -1]
+def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor,
+                     kv_len: Optional[int] = None) -> torch.Tensor:
+    """token (B, 1) at position input_pos (1,) -> (B, D) head input for the next token."""
+    return model.hidden_states(model.tok_emb(token), input_pos, kv_len)[:, -1]
 
 
 _compiled: dict[str, Callable] = {}
@@ -95,7 +126,6 @@ def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- generation
-@torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0,
              cfg_schedule: Literal["constant", "linear"] = "constant", cfg_interval: int = -1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -107,41 +137,45 @@ def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0,
     the guided logits equal the conditional ones, so the doubling is skipped to save compute).
     use_cache=False recomputes the full prefix at every step (reference path for tests).
     """
-    device = labels.device
-    if generator is None:
-        generator = torch.Generator(device)
-        generator.manual_seed(0 if seed is None else seed)
-    B, L = labels.shape[0], model.cfg.seq_len
-    guided = (cfg_scale != 1.0) if cfg_batch is None else cfg_batch
-    run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    with torch.inference_mode():  # lighter than no_grad per op; the clone below is a normal tensor
+        device = labels.device
+        if generator is None:
+            generator = torch.Generator(device)
+            generator.manual_seed(0 if seed is None else seed)
+        B, L = labels.shape[0], model.cfg.seq_len
+        guided = (cfg_scale != 1.0) if cfg_batch is None else cfg_batch
+        run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
 
-    def next_token(logits: torch.Tensor, index: int) -> torch.Tensor:  # (B', V) -> (B, 1)
-        if guided:
-            logits = guide_logits(logits, index, L, scale=cfg_scale, schedule=cfg_schedule, interval=cfg_interval)
-        return sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        def next_token(hidden: torch.Tensor, index: int) -> torch.Tensor:  # (B', D) head input -> (B, 1)
+            if guided:
+                hidden = guide(hidden.float(), index, L, scale=cfg_scale, schedule=cfg_schedule, interval=cfg_interval)
+            logits = model.logits(hidden)
+            return sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    def doubled(token: torch.Tensor) -> torch.Tensor:
-        return torch.cat([token, token]) if guided else token
+        def doubled(token: torch.Tensor) -> torch.Tensor:
+            return torch.cat([token, token]) if guided else token
 
-    was_training = model.training
-    model.eval()
-    tokens = torch.empty(B, L, dtype=torch.long, device=device)
-    try:
-        if use_cache:
-            model.setup_caches(run_labels.shape[0], _cache_dtype(model, device), device)
-            decode = _decode_fn(compile)
-            logits = prefill(model, run_labels, torch.tensor([0], device=device))
-            for i in range(L):
-                tokens[:, i:i + 1] = next_token(logits, i)
-                if i + 1 < L:
-                    pos = torch.tensor([i + 1], device=device)
-                    logits = decode(model, doubled(tokens[:, i:i + 1]), pos)
-        else:
-            for i in range(L):
-                prefix = doubled(tokens[:, :i])
-                logits = model(prefix, run_labels)[:, -1]
-                tokens[:, i:i + 1] = next_token(logits, i)
-    finally:
-        model.clear_caches()
-        model.train(was_training)
-    return tokens
+        was_training = model.training
+        model.eval()
+        tokens = torch.empty(B, L, dtype=torch.long, device=device)
+        try:
+            if use_cache:
+                model.setup_caches(run_labels.shape[0], _cache_dtype(model, device), device)
+                decode = _decode_fn(compile)
+                positions = torch.arange(L + 1, device=device)
+                # eager decoding attends to the filled slots only; compiled decoding keeps static shapes
+                kv_len = (lambda i: None) if compile else (lambda i: i + 1)  # after writing position i
+                hidden = prefill(model, run_labels, positions[:1], kv_len(0))
+                for i in range(L):
+                    tokens[:, i:i + 1] = next_token(hidden, i)
+                    if i + 1 < L:
+                        hidden = decode(model, doubled(tokens[:, i:i + 1]), positions[i + 1:i + 2], kv_len(i + 1))
+            else:
+                for i in range(L):
+                    embeddings = model.embed(doubled(tokens[:, :i]), run_labels)
+                    hidden = model.hidden_states(embeddings)[:, -1]
+                    tokens[:, i:i + 1] = next_token(hidden, i)
+        finally:
+            model.clear_caches()
+            model.train(was_training)
+    return tokens.clone()

@@ -1,0 +1,115 @@
+"""AR sampler: the inverse-CDF draw against the exact categorical, greedy tokens and training loss
+against LlamaGen's algorithms (generators.bench), and the filled-slot decoding path."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from generators.bench import gpt_loss, llamagen_generate, llamagen_loss, random_gpt
+from generators.sampling import generate, logits_to_probs, sample_token
+from tests.test_generators import small_gpt
+
+SETTINGS = [  # sampling options the draw must honour
+    {"temperature": 1.0},
+    {"temperature": 0.6},
+    {"temperature": 1.3, "top_k": 7},
+    {"temperature": 1.0, "top_p": 0.8},
+    {"temperature": 0.8, "top_k": 12, "top_p": 0.9},
+]
+
+
+def draw_counts(logits: torch.Tensor, n: int, seed: int = 0, **sampling) -> torch.Tensor:
+    """Counts of n draws from one row of logits, in batched calls of 1000 rows."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.cat([sample_token(logits.expand(1000, -1), generator=g, **sampling) for _ in range(n // 1000)])
+    return torch.bincount(tokens.flatten(), minlength=logits.shape[-1]).double()
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token outside the filtered support was drawn"
+    expected = probs[support].double() * counts.sum()
+    return chisquare(counts[support], expected * counts[support].sum() / expected.sum()).pvalue
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_draw_matches_exact_categorical(sampling):
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(1)) * 2.0
+    probs = logits_to_probs(logits, **sampling)[0]
+    counts = draw_counts(logits, 60_000, **sampling)
+    assert chi_square_p(counts, probs) > 1e-3
+    # the test has power: the same counts reject the distribution at another temperature
+    other = logits_to_probs(logits, **{**sampling, "temperature": sampling["temperature"] * 1.15})[0]
+    assert chi_square_p(counts, other) < 1e-6
+
+
+def test_draw_over_a_16k_vocabulary_matches_in_probability_bins():
+    """16384 entries: tokens grouped into 20 bins of about equal probability mass."""
+    logits = torch.randn(1, 16384, generator=torch.Generator().manual_seed(2)) * 3.0
+    for sampling in ({"temperature": 1.0}, {"temperature": 1.0, "top_k": 2000}):  # top-p: the 40-token test
+        probs = logits_to_probs(logits, **sampling)[0].double()
+        order = probs.argsort(descending=True)
+        bins = torch.empty_like(order)
+        bins[order] = (probs[order].cumsum(0) * 20).clamp(max=19.999).long()
+        counts = draw_counts(logits, 10_000, seed=3, **sampling)
+        assert counts[probs == 0].sum() == 0
+        binned = torch.zeros(20, dtype=torch.float64).index_add_(0, bins, counts)
+        expected = torch.zeros(20, dtype=torch.float64).index_add_(0, bins, probs)
+        keep = expected > 0
+        expected = expected[keep] * counts.sum() / expected[keep].sum()
+        assert chisquare(binned[keep], expected).pvalue > 1e-3, sampling
+
+
+def test_draw_is_seeded_and_greedy_is_argmax():
+    logits = torch.randn(64, 500)
+    draw = lambda seed: sample_token(logits, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
+    assert torch.equal(sample_token(logits, temperature=0), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_token(logits, top_k=1, generator=torch.Generator()), logits.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_greedy_tokens_equal_llamagen(cfg_scale):
+    model = small_gpt()
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    ours = generate(model, labels, cfg_scale=cfg_scale, temperature=0)
+    theirs = llamagen_generate(model, labels, cfg_scale=cfg_scale, temperature=0)
+    assert len(set(ours.flatten().tolist())) > 10  # not a trivially constant sequence
+    assert torch.equal(ours, theirs.long())
+    assert torch.equal(ours, generate(model, labels, cfg_scale=cfg_scale, temperature=0, use_cache=False))
+
+
+def test_filled_slot_decoding_equals_masked_static_cache():
+    model = small_gpt()
+    tokens, labels = torch.randint(0, 64, (3, 16)), torch.tensor([0, 3, 5])
+    outputs = {}
+    with torch.no_grad():
+        for filled_only in (False, True):
+            model.setup_caches(3, torch.float32, torch.device("cpu"))
+            steps = []
+            for i in range(16):
+                h = model.embed_class(labels) if i == 0 else model.tok_emb(tokens[:, i - 1:i])
+                steps.append(model.hidden_states(h, torch.tensor([i]), i + 1 if filled_only else None))
+            outputs[filled_only] = torch.cat(steps, dim=1)
+            model.clear_caches()
+        full = model.hidden_states(model.embed(tokens[:, :-1], labels))
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[True], full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_loss_and_gradients_equal_llamagen_with_dropout():
+    """Same seed, dropouts active: both draw the same random numbers in the same order."""
+    model = random_gpt("tiny", 4, 256).train()
+    tokens, labels = torch.randint(0, 256, (4, 16)), torch.tensor([0, 1, 2, 3])
+    losses, grads = [], []
+    for loss_fn in (gpt_loss, llamagen_loss):
+        torch.manual_seed(7)
+        model.zero_grad()
+        loss = loss_fn(model, tokens, labels)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.manual_seed(8)
+    assert not torch.equal(llamagen_loss(model, tokens, labels), losses[1])  # dropout is active
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
