@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.figures import Plot, seed_table
+from study import schema as S
 
 POINT_ARRAYS = ("images", "locations", "weights", "reference")
 QUERY_COLOURS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:pink")
@@ -68,7 +69,7 @@ def sampling_points_figure(points: Mapping[str, Points], out_dir: Path, *, image
     if not points:
         return Plot(None, pd.DataFrame(), "no saved sampling points (only VFMTok/VFMAE with sampler: region save them)")
     loaded = {backbone: load_points(source) for backbone, source in points.items()}
-    numbers = pd.DataFrame([{"backbone": b, **reach(p, layer)} for b, p in loaded.items()])
+    numbers = pd.DataFrame([{S.BACKBONE: b, **reach(p, layer)} for b, p in loaded.items()])
     cols = min(4, len(loaded))
     rows = -(-len(loaded) // cols)
     fig = Figure(figsize=(3.2 * cols, 3.4 * rows))
@@ -98,9 +99,11 @@ def _draw_points(ax, p: dict[str, np.ndarray], image: int, layer: int, queries: 
 
 
 # --------------------------------------------------------------------------- codebook use
-def token_usage_figure(runs: pd.DataFrame, out_dir: Path, *, metrics: Sequence[str] = ("tok_eval/codebook_usage",
-                                                                                      "tok_eval/perplexity"),
-                       group: str = "backbone", confidence: float = 0.95, name: str = "token_usage") -> Plot:
+TOKEN_USAGE_METRICS = (S.metric(S.TOK_EVAL, S.CODEBOOK_USAGE), S.metric(S.TOK_EVAL, S.PERPLEXITY))
+
+
+def token_usage_figure(runs: pd.DataFrame, out_dir: Path, *, metrics: Sequence[str] = TOKEN_USAGE_METRICS,
+                       group: str = S.BACKBONE, confidence: float = 0.95, name: str = "token_usage") -> Plot:
     """Bars of each codebook metric per backbone with Student-t whiskers over seeds and the seeds as dots.
     Pass runs of one setting (e.g. the main VFMTok cells), since ablations change the token count."""
     present = [m for m in metrics if m in runs and runs[m].notna().any()]

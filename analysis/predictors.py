@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from analysis.stats import mean_ci
+from study import schema as S
 
 MIN_BACKBONES = 3
 PREDICTOR_COLUMNS = ["property", "metric", "rho", "low", "high", "n_runs", "n_backbones", "resolved"]
@@ -89,7 +90,7 @@ def backbone_bootstrap(data: pd.DataFrame, group: str, x: str, y: str, n_boot: i
 
 
 def predictor_table(runs: pd.DataFrame, properties: Sequence[str], metrics: Sequence[str], *,
-                    group: str = "backbone", n_boot: int = 2000, confidence: float = 0.95,
+                    group: str = S.BACKBONE, n_boot: int = 2000, confidence: float = 0.95,
                     seed: int = 0) -> pd.DataFrame:
     """One row per (property, metric): ρ over all runs, its backbone-bootstrap interval (nan with
     fewer than MIN_BACKBONES backbones), the numbers of runs and backbones, and whether the
@@ -177,7 +178,7 @@ def _objective_sentence(metric: str, groups: pd.DataFrame, group: str, p_kw: flo
             f"(mean {best['mean']:.3g}, interval {best['low']:.3g} to {best['high']:.3g}).")
 
 
-def between_objectives(runs: pd.DataFrame, metric: str, *, group: str = "backbone", alpha: float = 0.05,
+def between_objectives(runs: pd.DataFrame, metric: str, *, group: str = S.BACKBONE, alpha: float = 0.05,
                        confidence: float = 0.95, lower_is_better: Optional[bool] = None) -> ObjectiveTest:
     """Is the between-group spread of `metric` larger than the seed-to-seed spread?"""
     data = _complete(runs, group, metric)

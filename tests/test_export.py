@@ -73,13 +73,13 @@ def test_preempted_two_rank_export_resumes_to_the_uninterrupted_codes(model_and_
 
 
 def test_generator_trains_on_the_exported_views(model_and_data, tmp_path):
-    from generators.train import DataConfig as CodesData, GeneratorTask
+    from generators.train import CodesConfig, GeneratorTask
     from tests.test_generators import gpt_run
     model, data = model_and_data
     payload = export.export_codes(model, data, tmp_path / "codes.pt", views=3, shard_size=8)
     cfg = gpt_run(tmp_path, 1)
     cfg.gpt.vocab_size, cfg.gpt.num_classes = 32, 10
-    cfg.data = CodesData(source="cache", path=str(tmp_path / "codes.pt"))
+    cfg.data = CodesConfig(source="cache", path=str(tmp_path / "codes.pt"))
     task = GeneratorTask(cfg)
     rows, labels = zip(*(task.batch_at(step) for step in range(6)))
     rows, labels = torch.cat(rows), torch.cat(labels)

@@ -79,7 +79,8 @@ class ImageViews(Dataset):
 
 def _compact(codes: torch.Tensor) -> torch.Tensor:
     """Token ids fit int16 (codebooks up to 32768 entries), a quarter of int64's storage."""
-    return codes.to(torch.int16) if codes.dtype == torch.long and int(codes.max()) < 2 ** 15 else codes.cpu()
+    fits = codes.dtype == torch.long and (codes.numel() == 0 or int(codes.max()) < 2 ** 15)
+    return codes.to(torch.int16) if fits else codes.cpu()
 
 
 @torch.no_grad()
