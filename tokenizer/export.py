@@ -22,11 +22,8 @@ that determines the codes, so shards of another tokenizer, seed or view count ne
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from study.config import config_hash
 from study.data import ImageDataset, to_tensor_images
+from study.fsio import atomic_write
 
 VIEW_RECIPE = "centre crop + mirror + ADM random resize-crop/flip views"
 DEFAULT_VIEWS = 10
@@ -104,17 +102,6 @@ def encode_rows(model, dataset: ImageDataset, rows: range, views: int, seed: int
     return {"labels": labels, **{key: _compact(torch.cat(value)) for key, value in parts.items()}}
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_code_shards(model, dataset: ImageDataset, path: str | Path, *, rank: int = 0, world: int = 1,
                       views: int = DEFAULT_VIEWS, seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
                       batch_size: int = 256, num_workers: int = 0, tokenizer_id: str | None = None) -> ExportPlan:
@@ -128,7 +115,8 @@ def write_code_shards(model, dataset: ImageDataset, path: str | Path, *, rank: i
     for shard in range(rank, plan.num_shards, world):
         target = folder / f"shard-{shard:05d}.pt"
         if not target.is_file():
-            _save_atomic(encode_rows(model, dataset, plan.rows(shard), views, seed, batch_size, num_workers), target)
+            codes = encode_rows(model, dataset, plan.rows(shard), views, seed, batch_size, num_workers)
+            atomic_write(target, lambda handle: torch.save(codes, handle))
     return plan
 
 
@@ -155,7 +143,7 @@ def merge_code_shards(model, plan: ExportPlan, path: str | Path) -> dict:
         else:  # statistics of the exported centre crops (per channel and position)
             mean, std = merged["main"].mean(0), merged["main"].std(0, unbiased=False)
         payload["mean"], payload["std"] = mean.float(), std.float()
-    _save_atomic(payload, path)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return payload
 
 

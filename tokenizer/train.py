@@ -30,6 +30,7 @@ from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
 from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
                             unwrap)
 from tokenizer.discriminator import DinoDiscriminator
+from tokenizer.export import DEFAULT_VIEWS
 from tokenizer.losses import (LossConfig, build_perceptual, d_hinge_loss, g_nonsat_loss, perceptual_description,
                               pixel_loss, semantic_loss)
 from tokenizer.model import TokenizerConfig, VFMTokenizer
@@ -64,6 +65,8 @@ class TokenizerRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_images: int = bounded(500, ge=1)  # validation images for PSNR / codebook stats
     stats_batches: int = bounded(50, ge=1)  # VFMAE: batches for the per-(channel, position) latent statistics
+    # random resize-crop + flip views per training image in the generators' codes (tokenizer.export)
+    export_views: int = bounded(DEFAULT_VIEWS, ge=0)
     # filled in automatically: every departure from the paper's method in this run (logged with the config)
     deviations: list[str] = nonsemantic(default_factory=list)
     # filled in automatically: the network the perceptual term is computed with (logged with the config)
@@ -82,7 +85,7 @@ class TokenizerRunConfig:
 
 
 def run_deviations(cfg: TokenizerRunConfig) -> list[str]:
-    """Departures from the paper's method (method.md §1-§2) that this config implies."""
+    """Departures from the paper's method that this config implies."""
     out = ["sampling core: pure-PyTorch grid_sample MSDeformAttn (the paper's CUDA op computes the same function)",
            "VFM: built by tokenizer.vfm (weights may be random or in-house; see vfm spec)"]
     m, loss = cfg.model, cfg.loss

@@ -113,13 +113,15 @@ def run_vfm(ctx: StageContext) -> StageResult:
 @register_stage(S.TOKENIZER, TokenizerStage, needs=(S.VFM,), validate=check_tokenizer,
                 missing=missing_tokenizer_inputs)
 def run_tokenizer(ctx: StageContext) -> StageResult:
-    """Train VFMTok / VFMAE on the frozen backbone; export the train split's codes (+ flips)."""
+    """Train VFMTok / VFMAE on the frozen backbone; export the train split's codes (centre crop, its
+    mirror and `export_views` augmented views)."""
     cfg: TokenizerStage = ctx.config
     spec = from_dict(VFMSpec, ctx.inputs[S.VFM].result.outputs[SPEC])
     run = tokenizer_config(cfg.data, spec, cfg.tokenizer, ctx.dir)
     model, metrics = train_tokenizer(run, ctx.callbacks)
     model.to(_device())
-    export_codes(model, build_dataset(cfg.data, "train"), ctx.dir / S.CODES_FILE)
+    export_codes(model, build_dataset(cfg.data, "train"), ctx.dir / S.CODES_FILE, views=run.export_views,
+                 seed=run.train.seed)
     m = run.model
     return StageResult(metrics=_numbers(metrics), outputs={"deviations": run.deviations},
                        tags={S.TOKENIZER_KIND: m.kind, S.NUM_QUERIES: m.num_queries, S.SAMPLER: m.sampler,
