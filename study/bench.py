@@ -120,7 +120,8 @@ def tokenizer_training(preset: str, sizes: Sizes, device: torch.device) -> dict:
                      "train.progress=false", f"train.device={device.type}", f"train.out_dir={tmp}/run",
                      "loss.gan_start=0", "vfm.pretrained=false"]
         if preset == "paper":
-            overrides += ["disc_vfm.pretrained=false", *sizes.paper_overrides]
+            overrides += ["disc_vfm.pretrained=false", f"loss.lpips_vgg={random_vgg16_file(tmp)}",
+                          *sizes.paper_overrides]
         cfg = load(TokenizerRunConfig, Path(__file__).parents[1] / "tokenizer" / "configs" / f"{preset}.yaml", overrides)
         trainer = Trainer(cfg.train, TokenizerTask(cfg))
         flops = training_step_flops(trainer)
@@ -133,6 +134,16 @@ def tokenizer_training(preset: str, sizes: Sizes, device: torch.device) -> dict:
             "gflop_per_image": round(flops / batch / 1e9, 2), "achieved_tflop_s": round(achieved / 1e12, 3),
             "mfu": round(achieved / peak, 4) if peak else None, "peak_device": device_name,
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+
+
+def random_vgg16_file(folder: str) -> Path:
+    """A random-init torchvision VGG16 state dict: LPIPS costs the same FLOPs with it as with the
+    ImageNet weights, which are not on a benchmark machine."""
+    import torchvision
+
+    path = Path(folder) / "vgg16-random.pth"
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
+    return path
 
 
 def training_step_flops(trainer) -> float:
