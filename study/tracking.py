@@ -18,12 +18,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from study import ledger, schema
 from study.config import flatten
-from study.stages import StageResult
 from study.training import Callback
+
+if TYPE_CHECKING:  # the writers in jobs import this module: keep it free of the engine
+    from study.stages import StageResult
 
 T = TypeVar("T")
 _PACKAGES = ("torch", "mlflow", "optuna", "submitit", "vfmstudy")
