@@ -46,3 +46,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def cache_root() -> Path:
+    """`$VFMSTUDY_CACHE`, or `~/.cache/vfmstudy`: the root of every cache (data, Inception
+    statistics, reference classifiers)."""
+    return Path(os.environ.get("VFMSTUDY_CACHE", "~/.cache/vfmstudy")).expanduser()

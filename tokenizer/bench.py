@@ -70,7 +70,8 @@ def paper_step(config: str | Path = CONFIGS / "paper.yaml") -> dict:
     # random-init backbones (same architectures) instead of the DINOv2-L / DINO-S weights
     cfg = load(TokenizerRunConfig, config, ["data.name=shapes", "data.num_classes=10", "data.augment=false",
                                             "data.train_size=10", "data.val_size=10", "train.batch_size=1",
-                                            "train.device=cpu", "vfm.pretrained=false", "disc_vfm.pretrained=false"])
+                                            "train.device=cpu", "vfm.pretrained=false", "disc_vfm.pretrained=false",
+                                            "loss.perceptual=random_vgg"])
     t0 = time.perf_counter()
     task = TokenizerTask(cfg)
     build_s = time.perf_counter() - t0

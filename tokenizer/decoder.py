@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generators.layers import SwiGLU
+
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values, each (B, H, T, Dh)
 
@@ -63,22 +65,12 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), (k, v)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, n_heads: int, attn_dropout: float):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, n_heads, attn_dropout)
-        self.ffn = SwiGLU(dim, swiglu_hidden(dim))
+        self.ffn = SwiGLU(dim, swiglu_hidden(dim), bias=True)
 
     def forward(self, x: torch.Tensor, causal: bool, prefix: KV | None = None) -> tuple[torch.Tensor, KV]:
         h, kv = self.attn(self.norm1(x), causal, prefix)
@@ -168,10 +160,6 @@ class CNNUpsampler(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.stages(self.mid(self.conv_in(z)))
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        return self.conv_out.weight
 
 
 # --------------------------------------------------------------------------- ViT decoder

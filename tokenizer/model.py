@@ -197,6 +197,3 @@ class VFMTokenizer(nn.Module):
         else:
             z = self.post_quant(codes.flatten(2).transpose(1, 2))
         return self.decoder(z).clamp(-1, 1)
-
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(images))

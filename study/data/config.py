@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from study.config import ConfigError, nonsemantic
+from study.fsio import cache_root
 from study.data.shapes import SHAPE_NAMES
 
 CIFAR10_CLASSES = 10
-
-
-def default_cache_dir() -> str:
-    """`$VFMSTUDY_CACHE/data`, or `~/.cache/vfmstudy/data`: VFMSTUDY_CACHE is the study-wide
-    cache root, so data sits next to other caches under it."""
-    return os.path.join(os.environ.get("VFMSTUDY_CACHE", "~/.cache/vfmstudy"), "data")
 
 
 @dataclass
@@ -33,7 +27,7 @@ class DataConfig:
     # imagefolder: an unreadable file stops the run ("error") or is replaced by the next readable
     # image in the stream, counted and warned about ("skip")
     on_unreadable: Literal["error", "skip"] = "error"
-    cache_dir: str = nonsemantic(default_factory=default_cache_dir)
+    cache_dir: str = nonsemantic(default_factory=lambda: str(cache_root() / "data"))
 
     def __post_init__(self) -> None:
         if self.resolution < 16:

@@ -9,8 +9,6 @@ Image conventions accepted by every metric entry point:
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,11 +18,6 @@ class MissingWeightsError(FileNotFoundError):
     """Pretrained weights a metric or a VFM needs are not on this machine (nothing is ever
     downloaded).  The message names the file, where to put it and where an online machine can
     get it.  The one class for the whole project (tokenizer.vfm re-exports it)."""
-
-
-def default_cache_dir() -> Path:
-    """`$VFMSTUDY_CACHE` or `~/.cache/vfmstudy`."""
-    return Path(os.environ.get("VFMSTUDY_CACHE", Path.home() / ".cache" / "vfmstudy")).expanduser()
 
 
 def _is_channels_last(shape) -> bool:

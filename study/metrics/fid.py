@@ -5,7 +5,7 @@ Only the real weights (`pt_inception-2015-12-05-6726825d.pth` / torch-fidelity's
 numbers that may be called `fid`, `is`, `kid`, `rfid`, `gfid`. Nothing is downloaded: without the
 file every entry point raises `MissingWeightsError` saying where to put it.
 
-Protocol (ADM, see shared/reference/method.md §4):
+Protocol (ADM's evaluation suite):
 - images are resized to `InceptionConfig.resize` (256) with PIL bicubic, then torch-fidelity's
   extractor resizes to 299 with its TF1-exact bilinear and takes pool3 (2048) and unbiased logits;
 - gFID: samples vs reference statistics, either an ADM reference batch npz
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from study.config import nonsemantic
-from study.fsio import atomic_write
-from study.metrics.common import (MissingWeightsError, as_features, content_hash, default_cache_dir,
+from study.fsio import atomic_write, cache_root
+from study.metrics.common import (MissingWeightsError, as_features, content_hash,
                                   pick_device, to_uint8_nchw)
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -228,7 +228,7 @@ class ReferenceStats:
 
 
 def _stats_cache_dir(cfg: InceptionConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir() / "fid_stats"
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "fid_stats"
 
 
 def reference_stats_from_images(images, cfg: InceptionConfig | None = None, *, cache: bool = True,

@@ -25,6 +25,7 @@ from generators.dit import DiTConfig
 from generators.gpt import GPTConfig
 from generators.train import CodesConfig, GeneratorRunConfig
 from tokenizer.pretrain import PretrainConfig
+from tokenizer.losses import missing_perceptual_file
 from tokenizer.train import TokenizerRunConfig
 from tokenizer.vfm import MissingWeightsError, VFMSpec, get_entry
 from tokenizer.vfm.backbone import resolve_weights
@@ -56,7 +57,8 @@ def assemble(cls: type, part: Any, **fills: Any) -> Any:
 
 
 PretrainSection = section("PretrainSection", PretrainConfig, drop=("objective", "data"))
-TokenizerSection = section("TokenizerSection", TokenizerRunConfig, drop=("data", "vfm", "deviations"))
+TokenizerSection = section("TokenizerSection", TokenizerRunConfig,
+                           drop=("data", "vfm", "deviations", "perceptual_network"))
 GeneratorSection = section("GeneratorSection", GeneratorRunConfig, drop=("kind", "data"))
 
 
@@ -153,7 +155,8 @@ def missing_data(cfg: ReferenceStage) -> Optional[str]:
 
 def missing_tokenizer_inputs(cfg: TokenizerStage) -> Optional[str]:
     part = cfg.tokenizer
-    return spec_missing(part.disc_vfm) if part.loss.gan_weight > 0 else None
+    missing = [missing_perceptual_file(part.loss), spec_missing(part.disc_vfm) if part.loss.gan_weight > 0 else None]
+    return "; ".join(m for m in missing if m) or None
 
 
 def tokenizer_config(data: DataConfig, vfm: VFMSpec, part: Any, out_dir: Path) -> TokenizerRunConfig:

@@ -17,7 +17,7 @@ from torch import nn
 from study import schema as S
 from study.config import config_hash, nonsemantic, to_dict
 from study.data import make_loader
-from study.metrics.common import default_cache_dir
+from study.fsio import cache_root
 from study.metrics.reference import RefCNN, ReferenceClassifier, accuracy
 from study.training import OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask
 
@@ -76,7 +76,7 @@ class RefClassifierTask(TrainTask):
 
 
 def classifier_dir(cfg: RefClassifierConfig, train_set) -> Path:
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     key = config_hash(cfg, REF_FORMAT_VERSION, str(train_set.num_classes))
     return root / "ref_classifier" / f"{train_set.identity}-{key}"
 
