@@ -173,8 +173,9 @@ GPT = [
     Item("§3", "batch, schedule", lambda p: (512, official_steps(200 if p == "gpt_XL" else 300, 512)),
          lambda c: (c.train.batch_size, steps_in_epochs(c))),
     Item("§3", "EMA, precision", (0.9999, "bf16"), lambda c: (c.train.ema_decay, c.train.precision)),
-    Item("§3", "training tokens", "encoded online from random crops", lambda c: "precomputed: centre crop + flip",
-         "codes are exported once per tokenizer (a stage of the study) instead of re-encoding every batch"),
+    Item("§3", "training tokens", "encoded online from random crops", lambda c: "precomputed: centre crop, mirror, seeded random crops",
+         "codes are exported once per tokenizer (a stage of the study) over a fixed sample of the recipe's "
+         "random resize-crop + flip views instead of re-encoding every batch"),
 ]
 
 DIT = [

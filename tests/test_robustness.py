@@ -134,7 +134,8 @@ def test_trainer_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
 def _sweep(tmp_path, **extra):
     import yaml
     fast = {"steps": 10, "batch_size": 16, "ema_decay": 0.0, "precision": "fp32", "ckpt_every": 5, "log_every": 5}
-    spec = {"name": "t", "stages": ["toy_data", "toy_train", "toy_eval"], "study_dir": str(tmp_path / "study"),
+    spec = {"name": "t", "plugins": ["tests.toy_stages"], "stages": ["toy_data", "toy_train", "toy_eval"],
+            "study_dir": str(tmp_path / "study"),
             "base": {"toy": {"train": fast}}, "axes": {"grid": {"toy.hidden": [4, 8]}},
             "launcher": {"backend": "debug"}, "tracking": {"enabled": False}, "report": False, **extra}
     path = tmp_path / "s.yaml"
@@ -212,8 +213,8 @@ def test_a_nan_result_fails_the_stage_with_the_reason(tmp_path):
     data = next(s for s in plan.stages.values() if s.kind == "toy_data")
     status = ledger.read_status(data.dir(plan.root))
     assert status["state"] == ledger.State.FAILED and ledger.read_result(data.dir(plan.root)) is None
-    assert "result 'y_var' is nan" in status["errors"][-1]["error"]
-    assert "result 'y_var' is nan" in out + err
+    assert "result 'metrics.y_var' is nan" in status["errors"][-1]["error"]
+    assert "result 'metrics.y_var' is nan" in out + err
 
 
 def test_result_paths_cannot_leave_the_study_folder(tmp_path):

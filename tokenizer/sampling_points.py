@@ -36,7 +36,7 @@ def sampling_points(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndar
 
     hooks = [layer.cross.register_forward_hook(record) for layer in sampler.layers]
     try:
-        levels, _, _ = model.vfm_features(images)
+        levels, _ = model.vfm_features(images)
         model.tokens(levels)
     finally:
         for hook in hooks:
