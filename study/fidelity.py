@@ -240,6 +240,11 @@ def recipe_deviations(items: list[Item], cfg, preset: Optional[str] = None) -> l
 
 def generator_deviations(cfg) -> list[str]:
     """The recipe deviations of a generator run (GPT or DiT-DH) against the official large model."""
+    import dataclasses
+
+    from generators.train import default_optim
+
+    cfg = dataclasses.replace(cfg, optim=cfg.optim or default_optim(cfg.kind))  # what the run trains with
     items = GPT if cfg.kind == "gpt" else DIT
     return recipe_deviations(items, cfg, "gpt_B" if cfg.kind == "gpt" else "ditdh_XL")
 

@@ -25,6 +25,7 @@ import torch
 
 from study import schema as S
 from study.config import from_dict, to_dict
+from study.fidelity import generator_deviations
 from study.data import DataConfig, build_dataset, to_tensor_images, to_uint8
 from study.metrics.codebook import codebook_stats
 from study.metrics.features import RefSpace, distribution_metrics
@@ -190,7 +191,8 @@ def run_generator(ctx: StageContext) -> StageResult:
     reference, _ = _val_images(cfg.data, cfg.eval.recon_images)
     hook = _fd_ref_hook(tokenizer, _reference(ctx), reference, cfg.eval.batch_size)
     _, metrics = train_generator(run, ctx.callbacks, sample_fn=hook)
-    return StageResult(metrics=_numbers(metrics), tags={S.GENERATOR_KIND: run.kind})
+    return StageResult(metrics=_numbers(metrics), outputs={"deviations": generator_deviations(run)},
+                       tags={S.GENERATOR_KIND: run.kind})
 
 
 @register_stage(S.GEN_EVAL, GenEvalStage, needs=(S.GENERATOR, S.TOKENIZER, S.REFERENCE))
