@@ -30,7 +30,7 @@ OFFLINE_DATA = ["data.name=shapes", "data.num_classes=10", "data.train_size=10",
 # presets scaled down for CPU / small GPUs, and why (their other deviations are named per item)
 SCALED = {
     "tiny": "CPU scale: the tiny-32 recipe sized for 2 minutes on 2 cores (header of the preset)",
-    "base": "small-GPU scale: the tiny-32 recipe of the method notes",
+    "base": "small-GPU scale: the tiny-32 recipe at 32 px (header of the preset)",
     "tiny_ae": "CPU scale: the tiny-32 VFMAE recipe",
     "tiny_gpt": "CPU scale: the tiny-32 GPT",
     "tiny_dit": "CPU scale: the tiny-32 DiT-DH",
@@ -43,7 +43,7 @@ def epochs_to_steps(epochs: float, batch_size: int, dataset_size: int = IMAGENET
 
 @dataclass(frozen=True)
 class Item:
-    section: str  # where the method notes describe it
+    part: str  # the part of the method the item belongs to
     name: str
     official: Any  # value, or callable(preset name) -> value for families with several official sizes
     read: Callable[[Any], Any]  # loaded preset config -> value comparable with `official`
@@ -111,93 +111,93 @@ def optim_text(o) -> str:
 
 # --------------------------------------------------------------------------- the official recipes
 VFMTOK = [
-    Item("§1.1", "frozen VFM", "dinov2_vitl14_reg (pretrained) at 336", lambda c: vfm_text(c.vfm),
+    Item("encoder", "frozen VFM", "dinov2_vitl14_reg (pretrained) at 336", lambda c: vfm_text(c.vfm),
          "the VFM is what a study sweeps; offline presets use random-init or in-house ViTs"),
-    Item("§1.2", "queries", 256, lambda c: c.model.num_queries),
-    Item("§1.2", "deformable encoder (depth, width, heads, points, FFN)", (6, 512, 8, 4, 1024),
+    Item("encoder", "queries", 256, lambda c: c.model.num_queries),
+    Item("encoder", "deformable encoder (depth, width, heads, points, FFN)", (6, 512, 8, 4, 1024),
          lambda c: (c.model.enc_depth, c.model.dim, c.model.enc_heads, c.model.enc_points, c.model.enc_ffn)),
-    Item("§1.2", "codebook (size x dim, beta)", (16384, 12, 0.25),
+    Item("encoder", "codebook (size x dim, beta)", (16384, 12, 0.25),
          lambda c: (c.model.codebook_size, c.model.code_dim, c.model.beta)),
-    Item("§1.3", "ViT decoder (depth, heads, attention dropout, registers)", (6, 8, 0.1, 4),
+    Item("decoder", "ViT decoder (depth, heads, attention dropout, registers)", (6, 8, 0.1, 4),
          lambda c: (c.model.dec_depth, c.model.dec_heads, c.model.attn_dropout, c.model.n_registers)),
-    Item("§1.3", "pixel grid", 21, lambda c: c.model.image_size // c.model.decoder_patch),
-    Item("§1.3", "CNN upsampler (ch, mult, ResBlocks per stage)", (128, (1, 1, 2, 2, 4), 2),
+    Item("decoder", "pixel grid", 21, lambda c: c.model.image_size // c.model.decoder_patch),
+    Item("decoder", "CNN upsampler (ch, mult, ResBlocks per stage)", (128, (1, 1, 2, 2, 4), 2),
          lambda c: (c.model.cnn_ch, tuple(c.model.cnn_mult), c.model.cnn_res_blocks + 1)),
-    Item("§1.4", "pixel loss", "2 x MSE, weight 1",
+    Item("losses", "pixel loss", "2 x MSE, weight 1",
          lambda c: ("2 x MSE" if c.loss.pixel == "l2" and c.loss.always_add_mse else c.loss.pixel)
          + f", weight {c.loss.pixel_weight:g}"),
-    Item("§1.4", "perceptual loss", "lpips, weight 1",
+    Item("losses", "perceptual loss", "lpips, weight 1",
          lambda c: f"{c.loss.perceptual}, weight {c.loss.perceptual_weight:g}",
          "offline: no VGG16 weights; random_vgg, a fixed random-init VGG16-layout distance, the same in every "
          "cell (never the VFM under study)"),
-    Item("§1.4", "semantic loss weight", 1.0, lambda c: c.loss.semantic_weight),
-    Item("§1.4", "GAN (weight, start)", (0.5, 20000), lambda c: (c.loss.gan_weight, c.loss.gan_start)),
-    Item("§1.4", "discriminator backbone", "dino_vits16 (pretrained) at 224", lambda c: vfm_text(c.disc_vfm),
+    Item("losses", "semantic loss weight", 1.0, lambda c: c.loss.semantic_weight),
+    Item("losses", "GAN (weight, start)", (0.5, 20000), lambda c: (c.loss.gan_weight, c.loss.gan_start)),
+    Item("losses", "discriminator backbone", "dino_vits16 (pretrained) at 224", lambda c: vfm_text(c.disc_vfm),
          "offline: no DINO ViT-S/16 weights; a fixed random-init ViT, the same in every cell"),
-    Item("§1.4", "discriminator taps", 5, disc_taps),
-    Item("§1.5", "optimizer", "adam 0.0001 (0.9, 0.95) wd 0 clip 1", lambda c: optim_text(c.optim)),
-    Item("§1.5", "warmup", f"{epochs_to_steps(4, 16):,} steps (4 epochs)",
+    Item("losses", "discriminator taps", 5, disc_taps),
+    Item("training", "optimizer", "adam 0.0001 (0.9, 0.95) wd 0 clip 1", lambda c: optim_text(c.optim)),
+    Item("training", "warmup", f"{epochs_to_steps(4, 16):,} steps (4 epochs)",
          lambda c: f"{c.optim.warmup_steps:,} steps ({c.optim.warmup_steps * c.train.batch_size / IMAGENET_TRAIN:.4g} epochs)"),
-    Item("§1.5", "batch, schedule", (16, official_steps(50, 16)), lambda c: (c.train.batch_size, steps_in_epochs(c))),
-    Item("§1.5", "EMA", 0.9999, lambda c: c.train.ema_decay),
-    Item("§1.5", "precision", "bf16", lambda c: c.train.precision),
-    Item("§1.6", "trainable parameters (random-init presets: with their own VFM)", "73.287 M",
+    Item("training", "batch, schedule", (16, official_steps(50, 16)), lambda c: (c.train.batch_size, steps_in_epochs(c))),
+    Item("training", "EMA", 0.9999, lambda c: c.train.ema_decay),
+    Item("training", "precision", "bf16", lambda c: c.train.precision),
+    Item("size", "trainable parameters (random-init presets: with their own VFM)", "73.287 M",
          lambda c: tokenizer_params(c._preset)),
 ]
 
 VFMAE = [
-    Item("§2.1", "frozen VFM", "dinov2_vitl14_reg (pretrained) at 224", lambda c: vfm_text(c.vfm),
+    Item("VFMAE", "frozen VFM", "dinov2_vitl14_reg (pretrained) at 224", lambda c: vfm_text(c.vfm),
          "the VFM is what a study sweeps; offline presets use random-init or in-house ViTs"),
-    Item("§2.1", "queries, latent channels", (256, 32), lambda c: (c.model.num_queries, c.model.latent_channels)),
-    Item("§2.1", "ViT decoder (depth, registers, bidirectional)", (4, 0, True),
+    Item("VFMAE", "queries, latent channels", (256, 32), lambda c: (c.model.num_queries, c.model.latent_channels)),
+    Item("VFMAE", "ViT decoder (depth, registers, bidirectional)", (4, 0, True),
          lambda c: (c.model.dec_depth, c.model.n_registers, not c.model.causal)),
-    Item("§2.1", "CNN ResBlocks per stage", 3, lambda c: c.model.cnn_res_blocks + 1),
-    Item("§2.1", "perceptual loss", "lpips, weight 1",
+    Item("VFMAE", "CNN ResBlocks per stage", 3, lambda c: c.model.cnn_res_blocks + 1),
+    Item("VFMAE", "perceptual loss", "lpips, weight 1",
          lambda c: f"{c.loss.perceptual}, weight {c.loss.perceptual_weight:g}",
          "offline: no VGG16 weights; random_vgg, the same in every cell"),
-    Item("§2.1", "GAN (weight, start)", (0.5, 20000), lambda c: (c.loss.gan_weight, c.loss.gan_start)),
-    Item("§2.1", "optimizer", "adam 0.0001 (0.9, 0.95) wd 0 clip 1", lambda c: optim_text(c.optim)),
-    Item("§2.1", "batch, schedule", (256, official_steps(50, 256)), lambda c: (c.train.batch_size, steps_in_epochs(c))),
-    Item("§2.1", "precision", "fp32", lambda c: c.train.precision),
+    Item("VFMAE", "GAN (weight, start)", (0.5, 20000), lambda c: (c.loss.gan_weight, c.loss.gan_start)),
+    Item("VFMAE", "optimizer", "adam 0.0001 (0.9, 0.95) wd 0 clip 1", lambda c: optim_text(c.optim)),
+    Item("VFMAE", "batch, schedule", (256, official_steps(50, 256)), lambda c: (c.train.batch_size, steps_in_epochs(c))),
+    Item("VFMAE", "precision", "fp32", lambda c: c.train.precision),
 ]
 
 GPT = [
-    Item("§3", "GPT (depth, width, heads)", lambda p: (36, 1280, 20) if p == "gpt_XL" else (12, 768, 12),
+    Item("GPT", "GPT (depth, width, heads)", lambda p: (36, 1280, 20) if p == "gpt_XL" else (12, 768, 12),
          lambda c: (c.model.depth, c.model.dim, c.model.heads)),
-    Item("§3", "parameters (vocab 16384, 16x16)", lambda p: "774.7 M" if p == "gpt_XL" else "110.9 M",
+    Item("GPT", "parameters (vocab 16384, 16x16)", lambda p: "774.7 M" if p == "gpt_XL" else "110.9 M",
          lambda c: generator_params(c._preset)),
-    Item("§3", "dropouts (token, residual, FFN, class)", (0.1, 0.1, 0.1, 0.1),
+    Item("GPT", "dropouts (token, residual, FFN, class)", (0.1, 0.1, 0.1, 0.1),
          lambda c: (c.model.token_dropout, c.model.resid_dropout, c.model.ffn_dropout, c.model.class_dropout)),
-    Item("§3", "class token rotary entry zeroed", True, lambda c: c.model.zero_cls_rope),
-    Item("§3", "optimizer", "adamw 0.0001 (0.9, 0.95) wd 0.05 clip 1", lambda c: optim_text(c.optim)),
-    Item("§3", "batch, schedule", lambda p: (512, official_steps(200 if p == "gpt_XL" else 300, 512)),
+    Item("GPT", "class token rotary entry zeroed", True, lambda c: c.model.zero_cls_rope),
+    Item("GPT", "optimizer", "adamw 0.0001 (0.9, 0.95) wd 0.05 clip 1", lambda c: optim_text(c.optim)),
+    Item("GPT", "batch, schedule", lambda p: (512, official_steps(200 if p == "gpt_XL" else 300, 512)),
          lambda c: (c.train.batch_size, steps_in_epochs(c))),
-    Item("§3", "EMA, precision", (0.9999, "bf16"), lambda c: (c.train.ema_decay, c.train.precision)),
-    Item("§3", "training tokens", "encoded online from random crops", lambda c: "precomputed: centre crop, mirror, seeded random crops",
+    Item("GPT", "EMA, precision", (0.9999, "bf16"), lambda c: (c.train.ema_decay, c.train.precision)),
+    Item("GPT", "training tokens", "encoded online from random crops", lambda c: "precomputed: centre crop, mirror, seeded random crops",
          "codes are exported once per tokenizer (a stage of the study) over a fixed sample of the recipe's "
          "random resize-crop + flip views instead of re-encoding every batch"),
 ]
 
 DIT = [
-    Item("§2.2", "trunk (width, depth, heads), head (width, depth, heads)",
+    Item("DiT-DH", "trunk (width, depth, heads), head (width, depth, heads)",
          lambda p: (384, 12, 6, 2048, 2, 16) if p == "ditdh_S" else (1152, 28, 16, 2048, 2, 16),
          lambda c: (c.model.dim, c.model.depth, c.model.heads, c.model.ddt_width, c.model.ddt_depth, c.model.ddt_heads)),
-    Item("§2.2", "parameters (32 x 16 x 16 latent)", lambda p: "834.8 M" if p == "ditdh_XL" else "-",
+    Item("DiT-DH", "parameters (32 x 16 x 16 latent)", lambda p: "834.8 M" if p == "ditdh_XL" else "-",
          lambda c: generator_params(c._preset) if c._preset == "ditdh_XL" else "-"),
-    Item("§2.2", "time embedding frequencies", 256, lambda c: c.model.fourier_freqs),
-    Item("§2.2", "flow time shift", 4.0, lambda c: c.flow.resolve_shift(c.model.latent_dim)),
-    Item("§2.2", "optimizer", lambda p: f"adamw 0.0002 (0.9, 0.95) wd 0 clip {1 if p == 'ditdh_S' else 0.75:g}",
+    Item("DiT-DH", "time embedding frequencies", 256, lambda c: c.model.fourier_freqs),
+    Item("DiT-DH", "flow time shift", 4.0, lambda c: c.flow.resolve_shift(c.model.latent_dim)),
+    Item("DiT-DH", "optimizer", lambda p: f"adamw 0.0002 (0.9, 0.95) wd 0 clip {1 if p == 'ditdh_S' else 0.75:g}",
          lambda c: optim_text(c.optim)),
-    Item("§2.2", "LR schedule", "constant, then linear to 2e-5 from epoch 40", lambda c: c.optim.schedule,
+    Item("DiT-DH", "LR schedule", "constant, then linear to 2e-5 from epoch 40", lambda c: c.optim.schedule,
          "not encoded: the shared loop has no hold-then-decay schedule; constant throughout"),
-    Item("§2.2", "batch, schedule", lambda p: (256, official_steps(1400 if p == "ditdh_S" else 800, 256)),
+    Item("DiT-DH", "batch, schedule", lambda p: (256, official_steps(1400 if p == "ditdh_S" else 800, 256)),
          lambda c: (c.train.batch_size, steps_in_epochs(c))),
-    Item("§2.2", "EMA, precision", (0.9995, "fp32"), lambda c: (c.train.ema_decay, c.train.precision)),
-    Item("§2.2", "sampler (method, steps, t_min)", ("euler", 99, 0.001),
+    Item("DiT-DH", "EMA, precision", (0.9995, "fp32"), lambda c: (c.train.ema_decay, c.train.precision)),
+    Item("DiT-DH", "sampler (method, steps, t_min)", ("euler", 99, 0.001),
          lambda c: (c.sample.method, c.sample.steps, c.sample.t_min)),
 ]
 
-FAMILIES = {  # family: (items, presets, where the presets live)
+MODELS = {  # model: (items, presets, where the presets live)
     "VFMTok tokenizer": (VFMTOK, ["tiny", "base", "paper"], "tokenizer/configs"),
     "VFMAE tokenizer": (VFMAE, ["tiny_ae", "paper_ae"], "tokenizer/configs"),
     "AR generator (LlamaGen GPT)": (GPT, ["tiny_gpt", "gpt_B", "gpt_XL"], "generators/configs"),
@@ -209,7 +209,7 @@ FAMILIES = {  # family: (items, presets, where the presets live)
 def load_preset(preset: str):
     """A preset's config; ImageNet presets read the shapes data instead (no dataset offline)."""
     from study.config import load
-    for items, presets, folder in FAMILIES.values():
+    for items, presets, folder in MODELS.values():
         if preset in presets:
             path = ROOT / folder / f"{preset}.yaml"
             break
@@ -259,12 +259,12 @@ def render() -> str:
     lines = ["# Fidelity to the official recipe", "",
              "Generated by `python -m study.fidelity` from the code and the presets; do not edit by hand",
              "(`tests/test_fidelity.py` fails when it is stale). Official values: the official VFMTok2 code",
-             "(tokenizers, DiT-DH recipe), RAE's DiT-DH, LlamaGen's GPT; sections refer to the method notes.",
+             "(tokenizers, DiT-DH recipe), RAE's DiT-DH, LlamaGen's GPT.",
              f"Schedules count epochs of ImageNet train ({IMAGENET_TRAIN:,} images).", ""]
-    for family, (items, presets, folder) in FAMILIES.items():
+    for model, (items, presets, folder) in MODELS.items():
         configs = {p: load_preset(p) for p in presets}
-        lines += [f"## {family}", "", "Presets: " + ", ".join(f"`{folder}/{p}.yaml`" for p in presets), "",
-                  "| § | item | official | " + " | ".join(presets) + " |",
+        lines += [f"## {model}", "", "Presets: " + ", ".join(f"`{folder}/{p}.yaml`" for p in presets), "",
+                  "| part | item | official | " + " | ".join(presets) + " |",
                   "|---|---|---|" + "---|" * len(presets)]
         notes: dict[tuple[str, str], list[str]] = {}  # (item, reason) -> presets
         for item in items:
@@ -277,7 +277,7 @@ def render() -> str:
                     notes.setdefault((item.name, status.removeprefix("deviation: ")), []).append(p)
             official = item.official if not callable(item.official) else \
                 " / ".join(f"{p}: {_cell(item.official_for(p))}" for p in presets if p not in SCALED)
-            lines.append(f"| {item.section} | {item.name} | {_cell(official)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {item.part} | {item.name} | {_cell(official)} | " + " | ".join(cells) + " |")
         lines += ["", "Deviations, and why:", ""]
         lines += [f"- {name} ({', '.join(ps)}): {reason}" for (name, reason), ps in notes.items()]
         lines.append("")

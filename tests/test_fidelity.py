@@ -277,7 +277,7 @@ def test_fidelity_page_is_up_to_date():
 
 def test_every_deviation_names_its_reason_and_full_presets_follow_the_official_schedules():
     from study import fidelity
-    for items, presets, _ in fidelity.FAMILIES.values():
+    for items, presets, _ in fidelity.MODELS.values():
         for preset in presets:
             cfg = fidelity.load_preset(preset)
             for item in items:
