@@ -26,6 +26,12 @@ PROBE_ACC = "probe_acc"  # also tok_eval: the linear probe on the tokenizer's la
 EFFECTIVE_RANK = "effective_rank"
 UNIFORMITY = "uniformity"
 NUM_PARAMS = "num_params"
+# vfm and tok_eval: properties that might predict tokenizer quality (study.metrics.representation);
+# alignment is measured against the reference classifier's features of the same val images
+SPATIAL_STRUCTURE = "spatial_structure"
+MUTUAL_KNN = "mutual_knn"
+CKNNA = "cknna"
+RANKME = "rankme"
 # tok_eval: reconstructions; Fréchet distances in the reference classifier's space are *_ref,
 # rfid / gfid only with the real TF-Inception weights
 PSNR = "psnr"
@@ -46,11 +52,13 @@ GFID = "gfid"
 GUIDED = "_guided"  # suffix of the gen_eval metrics of guided sampling
 METRIC_KEYS = (VAL_ACC, KNN_ACC, PROBE_ACC, EFFECTIVE_RANK, UNIFORMITY, NUM_PARAMS, PSNR, SSIM, RFD_REF, RFID,
                CODEBOOK_USAGE, PERPLEXITY, TOKEN_ENTROPY_BITS, LATENT_MEAN, LATENT_STD, FD_REF, PRECISION_REF,
-               RECALL_REF, CLASS_CONSISTENCY, GFID)
+               RECALL_REF, CLASS_CONSISTENCY, GFID, SPATIAL_STRUCTURE, MUTUAL_KNN, CKNNA, RANKME)
 
 # what the measuring functions call their outputs -> the stage metric they become
 BACKBONE_EVAL = {"knn_acc": KNN_ACC, "linear_acc": PROBE_ACC, "effective_rank": EFFECTIVE_RANK,
                  "uniformity": UNIFORMITY}  # tokenizer.pretrain.evaluate_backbone
+REPRESENTATION = {"spatial_structure": SPATIAL_STRUCTURE, "mutual_knn": MUTUAL_KNN, "cknna": CKNNA,
+                  "rankme": RANKME}  # representation.property_report
 CODEBOOK = {"usage": CODEBOOK_USAGE, "perplexity": PERPLEXITY, "entropy_bits": TOKEN_ENTROPY_BITS}  # codebook_stats
 
 
@@ -84,8 +92,12 @@ SAMPLER = "sampler"
 SEMANTIC = "semantic"
 GENERATOR_KIND = "generator_kind"
 GUIDANCE = "guidance_kind"  # cfg | autoguidance: what the *_guided metrics used
+# how gen_eval draws the class labels of its samples (equal per class, or random): published gFIDs
+# move by 0.1-0.2 between the two, so every generation metric carries it
+LABEL_SAMPLING = "label_sampling"
+EQUAL_PER_CLASS = "equal_per_class"
 DESIGN = {BACKBONE: str, FAMILY: str, SEED: int, TOKENIZER_KIND: str, GENERATOR_KIND: str,
-          NUM_QUERIES: int, SAMPLER: str, SEMANTIC: bool}
+          NUM_QUERIES: int, SAMPLER: str, SEMANTIC: bool, LABEL_SAMPLING: str}
 
 
 def stage_tag(kind: str) -> str:
@@ -108,6 +120,9 @@ SAMPLES_GRID = f"{GRIDS}/{SAMPLES_PNG}"
 STAGE_CONFIG = "config.yaml"  # a stage's resolved config, in its folder and under stages/<kind>/ in MLflow
 CLASSIFIER_FILE = "classifier.pt"
 CODES_FILE = "codes.pt"
+TOKENS = "tokens"  # MLflow artifact folder of tok_eval's token arrays
+SAMPLING_POINTS_FILE = "sampling_points.npz"  # each query's sampling points on a few val images
+SAMPLING_POINTS = f"{TOKENS}/{SAMPLING_POINTS_FILE}"
 REPORT_DIR = "report"  # in the study folder
 MLFLOW_SCREENSHOT = "assets/mlflow_compare.png"  # in the report folder; a `.skipped.txt` beside it says why not
 

@@ -150,6 +150,39 @@ def test_the_real_chain_runs_every_stage_within_90_cpu_s_and_tracks_each_cell(mi
     assert real_runs[list(S.DESIGN)].notna().all().all()
 
 
+PROPERTIES = (S.SPATIAL_STRUCTURE, S.MUTUAL_KNN, S.CKNNA, S.RANKME)
+
+
+def test_real_chain_measures_representation_properties_of_backbones_and_latents(micro_study, real_runs):
+    """vfm and tok_eval log every property; the values are those of property_report recomputed on
+    features that do not depend on the stage's code (RankMe bounded by the sample count)."""
+    for kind in (S.VFM, S.TOK_EVAL):
+        for key in PROPERTIES:
+            values = real_runs[S.metric(kind, key)]
+            assert values.notna().all() and np.isfinite(values.astype(float)).all(), (kind, key)
+        assert (real_runs[S.metric(kind, S.MUTUAL_KNN)].between(0, 1)).all()
+        assert (real_runs[S.metric(kind, S.RANKME)] >= 1).all()
+    # the two backbones differ, so do their properties (the reference space is shared)
+    per_backbone = real_runs.groupby(S.BACKBONE)[S.metric(S.VFM, S.RANKME)].first()
+    assert per_backbone.nunique() == len(REAL_BACKBONES)
+
+
+def test_real_tok_eval_saves_sampling_points_and_gen_eval_records_label_sampling(micro_study, real_runs, tmp_path):
+    from analysis.figures_tokens import load_points, sampling_points_figure
+    assert (real_runs[S.LABEL_SAMPLING] == S.EQUAL_PER_CLASS).all()
+    points = {}
+    for _, run in real_runs[real_runs[S.TOKENIZER_KIND] == "vfmtok"].iterrows():
+        path = results.artifact(real_runs, run["run_id"], S.SAMPLING_POINTS, tmp_path / "dl")
+        assert path is not None, run[S.BACKBONE]
+        arrays = load_points(path)
+        assert arrays["images"].dtype == np.uint8 and arrays["images"].shape[1:] == (32, 32, 3)
+        assert arrays["locations"].shape[:3] == (len(arrays["images"]), 1, 16)
+        np.testing.assert_allclose(arrays["weights"].sum((-2, -1)), 1, atol=1e-5)
+        points[str(run[S.BACKBONE])] = path
+    plot = sampling_points_figure(points, tmp_path)
+    assert plot.missing is None and set(plot.numbers[S.BACKBONE]) == set(REAL_BACKBONES)
+
+
 def test_real_histories_hold_the_generator_convergence_curve(real_runs):
     long = results.histories(real_runs, CURVE)
     assert set(long["run_id"]) == set(real_runs["run_id"]) and {S.BACKBONE, "pipeline"} <= set(long.columns)

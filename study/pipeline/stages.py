@@ -33,6 +33,7 @@ from study.metrics.grids import class_grid, reconstruction_grid
 from study.metrics.image import psnr, ssim
 from study.metrics.probes import linear_probe
 from study.metrics.reference import ReferenceClassifier, class_consistency
+from study.metrics.representation import property_report
 from study.pipeline.reference import train_reference_classifier
 from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
                                     TokenizerStage, VFMStage, assemble, check_backbone, check_generator,
@@ -42,11 +43,16 @@ from study.stages import StageContext, StageResult, register_stage
 from generators.train import load_generator, train as train_generator
 from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
 from tokenizer.export import export_codes
+from tokenizer.sampling_points import sampling_points
 from tokenizer.train import load_tokenizer, train as train_tokenizer
 from tokenizer.vfm import VFMSpec, build_vfm
 
 SPEC = "spec"  # vfm output: the backbone spec with the weights it was built from
 _GUIDANCE_ARG = "guidance"  # LoadedGenerator.sample's keyword choosing the DiT's guidance
+PROPERTY_IMAGES = 256  # val images the representation properties are measured on: bounds their N x N kernels
+PROPERTY_K = 10  # neighbours of mutual kNN / CKNNA
+PROPERTY_FAR = 6  # spatial structure's far pairs: this many grid steps apart (or the grid's largest distance)
+POINT_IMAGES = 4  # val images whose sampling points tok_eval saves for the figure
 
 
 # --------------------------------------------------------------------------- helpers
@@ -73,6 +79,16 @@ def _decode(tokenizer, codes: torch.Tensor, batch_size: int) -> np.ndarray:
     return to_uint8(_batched(tokenizer.decode, codes, batch_size))
 
 
+def _properties(patches: torch.Tensor, reference: np.ndarray) -> dict[str, float]:
+    """Spatial structure and RankMe of patch features (N, h, w, C), and their mutual kNN / CKNNA
+    alignment with `reference` (N, E): the reference classifier's features of the same images.
+    That space is trained once per dataset, the same for every cell, so it adds no confound to a
+    comparison of backbones."""
+    n, h, w = patches.shape[:3]
+    found = property_report(patches, reference, k=min(PROPERTY_K, n - 1), far=min(PROPERTY_FAR, h + w - 2))
+    return {S.REPRESENTATION[k]: v for k, v in found.items()}
+
+
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     """A trainer's final numbers as stage metrics (`loss/model` -> `loss_model`)."""
     return {k.replace("/", "_"): float(v) for k, v in metrics.items()
@@ -90,9 +106,11 @@ def run_reference(ctx: StageContext) -> StageResult:
     return StageResult(metrics={S.VAL_ACC: clf.val_acc})
 
 
-@register_stage(S.VFM, VFMStage, validate=check_backbone, missing=lambda cfg: spec_missing(cfg.vfm))
+@register_stage(S.VFM, VFMStage, needs=(S.REFERENCE,), validate=check_backbone,
+                missing=lambda cfg: spec_missing(cfg.vfm))
 def run_vfm(ctx: StageContext) -> StageResult:
-    """Pretrain an in-house backbone (or load a published one), then probe its features."""
+    """Pretrain an in-house backbone (or load a published one), then probe its features and
+    measure their representation properties on val images."""
     cfg: VFMStage = ctx.config
     spec = cfg.vfm
     objective = inhouse_objective(spec)
@@ -107,6 +125,9 @@ def run_vfm(ctx: StageContext) -> StageResult:
         found = {**found, **evaluate_backbone(vfm, cfg.data, cfg.pretrain.eval)}
     metrics = {new: found[old] for old, new in S.BACKBONE_EVAL.items() if old in found}
     metrics[S.NUM_PARAMS] = vfm.num_params
+    images, _ = _val_images(cfg.data, min(cfg.pretrain.eval.val_samples, PROPERTY_IMAGES))
+    patches = _batched(vfm.to(_device()).final_tokens, to_tensor_images(images), cfg.pretrain.eval.batch_size)
+    metrics.update(_properties(patches.unflatten(1, vfm.grid), _reference(ctx).features(images)))
     return StageResult(metrics=metrics, outputs={SPEC: to_dict(spec)},
                        tags={S.BACKBONE: cfg.vfm.name, S.FAMILY: vfm.family})
 
@@ -133,15 +154,17 @@ def run_tokenizer(ctx: StageContext) -> StageResult:
 @register_stage(S.TOK_EVAL, TokEvalStage, needs=(S.TOKENIZER, S.REFERENCE))
 def run_tok_eval(ctx: StageContext) -> StageResult:
     """Reconstruction quality (psnr, ssim, rfd_ref [, rfid]), codebook use, a linear probe on the
-    tokenizer's latents, and a reconstruction grid."""
+    tokenizer's latents and their representation properties, a reconstruction grid, and the
+    queries' sampling points on a few val images (region sampler only)."""
     cfg: TokEvalStage = ctx.config
     ev = cfg.eval
     tokenizer = load_tokenizer(ctx.inputs[S.TOKENIZER].dir, map_location=_device())
     images, _ = _val_images(cfg.data, ev.recon_images)
     codes = _batched(tokenizer.encode, to_tensor_images(images), ev.batch_size)
     recon = _decode(tokenizer, codes, ev.batch_size)
+    clf = _reference(ctx)
     out = {S.PSNR: psnr(images, recon), S.SSIM: ssim(images, recon),
-           S.RFD_REF: distribution_metrics(RefSpace(_reference(ctx)), recon, images)[S.FD_REF]}
+           S.RFD_REF: distribution_metrics(RefSpace(clf), recon, images)[S.FD_REF]}
     if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
         from study.metrics.fid import InceptionConfig, rfid
         out.update(rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)))
@@ -151,8 +174,25 @@ def run_tok_eval(ctx: StageContext) -> StageResult:
     else:
         out.update({S.LATENT_MEAN: float(codes.mean()), S.LATENT_STD: float(codes.std())})
     out[S.PROBE_ACC] = _latent_probe(tokenizer, cfg.data, ev)
+    few = slice(PROPERTY_IMAGES)
+    out.update(_properties(_latent_map(tokenizer, codes[few]), clf.features(images[few])))
     reconstruction_grid(images[:8], recon[:8], ctx.dir / S.RECONSTRUCTIONS_PNG)
-    return StageResult(metrics=out, artifacts={S.GRIDS: [S.RECONSTRUCTIONS_PNG]})
+    artifacts = {S.GRIDS: [S.RECONSTRUCTIONS_PNG]}
+    if tokenizer.cfg.sampler == "region":
+        points = sampling_points(tokenizer, to_tensor_images(images[:POINT_IMAGES]).to(_device()))
+        np.savez_compressed(ctx.dir / S.SAMPLING_POINTS_FILE, images=images[:POINT_IMAGES], **points)
+        artifacts[S.TOKENS] = [S.SAMPLING_POINTS_FILE]
+    return StageResult(metrics=out, artifacts=artifacts)
+
+
+@torch.no_grad()
+def _latent_map(tokenizer, codes: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's latents as a map (B, h, w, C) over its anchor grid: the code vectors of
+    VFMTok's ids, VFMAE's continuous latents."""
+    if tokenizer.cfg.kind == "vfmtok":
+        vectors = tokenizer.quantizer.lookup(codes.to(_device())).cpu()  # (B, N, d), raster order
+        return vectors.unflatten(1, tokenizer.grid)
+    return codes.permute(0, 2, 3, 1)
 
 
 @torch.no_grad()
@@ -161,9 +201,7 @@ def _latent_probe(tokenizer, data: DataConfig, ev: EvalConfig) -> float:
     def features(split: str, n: int):
         ds = build_dataset(data, split)
         codes = _batched(tokenizer.encode, to_tensor_images(ds.images[:n]), ev.batch_size)
-        if tokenizer.cfg.kind == "vfmtok":
-            codes = tokenizer.quantizer.lookup(codes.to(_device())).cpu()
-        return codes.flatten(1).float().numpy(), ds.labels[:n]
+        return _latent_map(tokenizer, codes).flatten(1).float().numpy(), ds.labels[:n]
 
     (xtr, ytr), (xva, yva) = features("train", ev.probe_train), features("val", ev.probe_val)
     return linear_probe(xtr, ytr, xva, yva)["linear_acc"]
@@ -198,7 +236,9 @@ def run_generator(ctx: StageContext) -> StageResult:
 @register_stage(S.GEN_EVAL, GenEvalStage, needs=(S.GENERATOR, S.TOKENIZER, S.REFERENCE))
 def run_gen_eval(ctx: StageContext) -> StageResult:
     """Samples per class without and with guidance (CFG for GPT, AutoGuidance for DiT):
-    fd_ref, precision/recall and class consistency in the reference space [, gfid]; a grid."""
+    fd_ref, precision/recall and class consistency in the reference space [, gfid]; a grid.
+    Labels are drawn equally per class (`samples_per_class` of each), recorded as the cell's
+    label_sampling tag next to every generation metric."""
     cfg: GenEvalStage = ctx.config
     ev = cfg.eval
     gen = load_generator(ctx.inputs[S.GENERATOR].dir, device=_device())
@@ -223,5 +263,6 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
         out.update({S.guided(k) if guide else k: v for k, v in metrics.items()})
         if not guide:
             class_grid(images, labels.numpy(), ctx.dir / S.SAMPLES_PNG, num_classes=cfg.data.num_classes)
-    return StageResult(metrics=out, tags={S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg")},
+    tags = {S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg"), S.LABEL_SAMPLING: S.EQUAL_PER_CLASS}
+    return StageResult(metrics=out, tags=tags,
                        artifacts={S.GRIDS: [S.SAMPLES_PNG]})
