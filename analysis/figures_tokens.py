@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.figures import Plot, seed_table
+from analysis.results import artifact
 from study import schema as S
 
 POINT_ARRAYS = ("images", "locations", "weights", "reference")
@@ -126,3 +127,18 @@ def _save(fig: Figure, out_dir: Path, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def run_points(runs: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """backbone -> the sampling-points file tok_eval saved for its first run (lowest seed) that has one."""
+    found: dict[str, Path] = {}
+    if S.BACKBONE not in runs:
+        return found
+    order = [c for c in (S.BACKBONE, S.SEED) if c in runs]
+    for backbone, g in runs.sort_values(order).groupby(S.BACKBONE, sort=True):
+        for run_id in g["run_id"]:
+            local = artifact(runs, run_id, S.SAMPLING_POINTS, Path(out_dir))
+            if local is not None:
+                found[str(backbone)] = local
+                break
+    return found

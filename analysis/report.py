@@ -1,6 +1,11 @@
-"""The sweep report: every figure of `analysis.figures`, its numbers as tables, and a summary of
-the findings with their uncertainty, written from the data, as one self-contained HTML file
-(figures inlined as base64 PNG) and a Markdown twin (figures as files next to it).
+"""The sweep report, written from the data as one self-contained HTML file (figures inlined as
+base64 PNG) and a Markdown twin (figures as files next to it).  It reads top-down:
+
+1. the answer and its uncertainty in two or three sentences (`analysis.evidence`);
+2. the run's scale, how intervals are computed, and the single-seed note, once;
+3. one table: each backbone x pipeline's headline metrics with their intervals;
+4. the figures, each with a one-line takeaway, then its details;
+5. the between-objective tests and the predictor table.
 
     python -m analysis.report sweeps/backbones.yaml [--out DIR] [--set baseline=inhouse:none]
 
@@ -21,7 +26,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from analysis import figures, stats
+from analysis import evidence, figures, figures_tokens, predictors, stats
 from analysis.figures import SERIES, Plot
 from analysis.results import describe, direction, load_sweep
 from analysis.screenshot import skipped_note
@@ -49,6 +54,13 @@ class Section:
     sentences: list[str] = field(default_factory=list)
     table: Optional[pd.DataFrame] = None
 
+    @property
+    def takeaway(self) -> str:
+        """The one line under the figure: its first finding, or why it was not drawn."""
+        if self.plot.missing:
+            return f"Not drawn: {self.plot.missing}."
+        return self.sentences[0] if self.sentences else "See the figure."
+
 
 # --------------------------------------------------------------------------- findings as sentences
 def _pct(cfg: ReportConfig) -> str:
@@ -65,8 +77,7 @@ def bar_sentences(table: pd.DataFrame, cfg: ReportConfig) -> list[str]:
         first = g.iloc[0]
         best = "lowest" if lower else "highest"
         text = (f"{series}: {first[S.BACKBONE]} has the {best} {metric} "
-                f"({stats.Interval(first['mean'], first['ci'], first['n']).text()} over {first['n']} seeds, "
-                f"{_pct(cfg)} t-interval)")
+                f"({stats.Interval(first['mean'], first['ci'], first['n']).text()}, n = {first['n']})")
         if len(g) > 1:
             second = g.iloc[1]
             text += (f"; runner-up {second[S.BACKBONE]} "
@@ -134,6 +145,22 @@ def ablation_sentences(table: pd.DataFrame, factor: str) -> list[str]:
     return out
 
 
+def usage_sentences(table: pd.DataFrame) -> list[str]:
+    out = []
+    for metric, g in table.groupby("metric", sort=False):
+        best = g.loc[g["mean"].idxmax()]
+        out.append(f"{best[S.BACKBONE]} uses its codebook most by {metric} "
+                   f"({stats.Interval(best['mean'], best['ci'], best['n']).text()}, n = {best['n']}).")
+    return [" ".join(out)]
+
+
+def points_sentences(table: pd.DataFrame) -> list[str]:
+    far = table.loc[table["mean_reach"].idxmax()]
+    return [f"The queries of {far[S.BACKBONE]} reach farthest from their anchor cells "
+            f"({far['mean_reach']:.3g} image widths, attention-weighted; "
+            f"{table['outside_share'].max():.0%} of attention at most falls outside the image)."]
+
+
 # --------------------------------------------------------------------------- sections
 def build_sections(runs: pd.DataFrame, fig_dir: Path, cfg: ReportConfig) -> list[Section]:
     """Draw every figure and say what it shows (or what data it lacks)."""
@@ -160,6 +187,12 @@ def build_sections(runs: pd.DataFrame, fig_dir: Path, cfg: ReportConfig) -> list
         plot = figures.ablation(runs, fig_dir, factor, **kw)
         sections.append(Section(title, plot, [] if plot.missing else ablation_sentences(plot.numbers, factor),
                                 _shown(plot.numbers)))
+    usage = figures_tokens.token_usage_figure(figures.main_setting(runs), fig_dir, confidence=cfg.confidence)
+    sections.append(Section("Token usage", usage, [] if usage.missing else usage_sentences(usage.numbers),
+                            _shown(usage.numbers)))
+    points = figures_tokens.sampling_points_figure(figures_tokens.run_points(runs, fig_dir / "artifacts"), fig_dir)
+    sections.append(Section("Where the queries look", points, [] if points.missing else points_sentences(points.numbers),
+                            None if points.missing else points.numbers))
     for name, title in ((S.RECONSTRUCTIONS_GRID, "Reconstructions"), (S.SAMPLES_GRID, "Samples")):
         plot = figures.image_grids(runs, fig_dir, name)
         sections.append(Section(title, plot, table=None if plot.missing else plot.numbers[[S.BACKBONE, SERIES, "run_id"]]))
@@ -168,15 +201,6 @@ def build_sections(runs: pd.DataFrame, fig_dir: Path, cfg: ReportConfig) -> list
 
 def _shown(table: pd.DataFrame) -> Optional[pd.DataFrame]:
     return table.drop(columns=["values"], errors="ignore") if len(table) else None
-
-
-def overview(runs: pd.DataFrame) -> pd.DataFrame:
-    """How many runs each backbone × pipeline has, by run status."""
-    keys = [c for c in (S.BACKBONE, "pipeline") if c in runs]
-    if not keys or runs.empty:
-        return pd.DataFrame({"runs": [len(runs)]})
-    return runs.fillna({k: "?" for k in keys}).pivot_table(index=keys, columns="status", values="run_id",
-                                                            aggfunc="count", fill_value=0).reset_index()
 
 
 # --------------------------------------------------------------------------- writing
@@ -202,31 +226,59 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def render(title: str, intro: str, sections: list[Section], summary: list[str], screenshot: Optional[Path],
-           runs_table: pd.DataFrame, out_dir: Path, left_out: Optional[str] = None) -> tuple[str, str]:
+@dataclass
+class Block:
+    """One headed part of the page: sentences, then an optional figure and table."""
+    title: str
+    sentences: list[str] = field(default_factory=list)
+    image: Optional[Path] = None
+    table: Optional[pd.DataFrame] = None
+    level: int = 2
+    paragraph: bool = False  # the sentences read as one paragraph (the answer), else one paragraph each
+
+
+def blocks(ev: evidence.Evidence, notes: list[str], sections: list[Section],
+           cfg: ReportConfig) -> list[Block]:
+    """The report top-down: answer, scale and notes, the one table, figures, tests, predictors."""
+    out = [Block("Answer", ev.answer, paragraph=True), Block("Scale and how to read it", notes),
+           Block("Results", table=ev.table if len(ev.table) else None,
+                 sentences=[] if len(ev.table) else ["No run has a headline metric yet."]),
+           Block("Figures")]
+    for sec in sections:
+        details = sec.sentences[1:] if not sec.plot.missing else []
+        out.append(Block(sec.title, [f"Takeaway: {sec.takeaway}", *details], sec.plot.path, sec.table, level=3))
+    untested = [f"{series}, {metric}: {why}." for (series, metric), why in ev.untested.items()]
+    out.append(Block("Between-objective tests", [*ev.tests["sentence"], *untested],
+                     table=ev.groups if len(ev.groups) else None))
+    display = (predictors.predictor_display(ev.predictors.assign(property=ev.predictors["property"] + " ("
+                                                                  + ev.predictors[SERIES] + ")"), cfg.confidence)
+               if len(ev.predictors) else None)
+    out.append(Block("What predicts quality", [ev.verdict] if ev.verdict else
+                     ["No backbone property and quality metric were logged together."], table=display))
+    return out
+
+
+def render(title: str, parts: list[Block], screenshot: Optional[Path], out_dir: Path,
+           left_out: Optional[str] = None) -> tuple[str, str]:
     """(HTML, Markdown) of the report; Markdown links figures relative to `out_dir`."""
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
          "table.numbers{border-collapse:collapse;font-size:12px}table.numbers td,table.numbers th"
          "{padding:2px 8px;border-bottom:1px solid #ddd}.missing{color:#a33}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><h2>Summary</h2><ul>",
-         *[f"<li>{html.escape(s)}</li>" for s in summary], "</ul><h2>Runs</h2>", html_table(runs_table)]
-    md = [f"# {title}", "", intro, "", "## Summary", "", *[f"- {s}" for s in summary], "", "## Runs", "",
-          markdown_table(runs_table), ""]
-    for sec in sections:
-        h.append(f"<h2>{html.escape(sec.title)}</h2>")
-        md += [f"## {sec.title}", ""]
-        if sec.plot.missing:
-            h.append(f"<p class='missing'>{html.escape(sec.plot.missing)}</p>")
-            md += [f"*{sec.plot.missing}*", ""]
-            continue
-        h.append(_img(sec.plot.path, sec.title))
-        md += [f"![{sec.title}]({sec.plot.path.relative_to(out_dir)})", ""]
-        h += [f"<p>{html.escape(s)}</p>" for s in sec.sentences]
-        md += [*sec.sentences, ""]
-        if sec.table is not None and len(sec.table):
-            h.append(html_table(sec.table))
-            md += [markdown_table(sec.table), ""]
+         f"<h1>{html.escape(title)}</h1>"]
+    md = [f"# {title}", ""]
+    for part in parts:
+        h.append(f"<h{part.level}>{html.escape(part.title)}</h{part.level}>")
+        md += [f"{'#' * part.level} {part.title}", ""]
+        if part.image is not None:
+            h.append(_img(part.image, part.title))
+            md += [f"![{part.title}]({part.image.relative_to(out_dir)})", ""]
+        h += [f"<p>{html.escape(s)}</p>" for s in part.sentences]
+        if part.sentences:
+            md += [" ".join(part.sentences), ""] if part.paragraph else [line for s in part.sentences for line in (s, "")]
+        if part.table is not None and len(part.table):
+            h.append(html_table(part.table))
+            md += [markdown_table(part.table), ""]
     if screenshot is not None:
         h += ["<h2>MLflow UI: the sweep's runs compared</h2>", _img(screenshot, "MLflow compare view")]
         md += ["## MLflow UI: the sweep's runs compared", "", f"![MLflow compare view]({SCREENSHOT})", ""]
@@ -237,25 +289,34 @@ def render(title: str, intro: str, sections: list[Section], summary: list[str], 
     return "\n".join(h), "\n".join(md)
 
 
+def scale_notes(runs: pd.DataFrame, ev: evidence.Evidence, cfg: ReportConfig) -> list[str]:
+    """The run's scale, how its numbers are made, and the single-seed note: said once, here."""
+    notes = [f"Scale: {describe(runs)}. Tracking store: {runs.attrs.get('tracking_uri')}.",
+             f"Intervals: mean [low, high] or mean ± half-width, {_pct(cfg)} Student-t over seeds; with few seeds "
+             f"the bootstrap p-values are coarse, so a ranking is called significant only when Welch's t-test agrees.",
+             "fd_ref / rfd_ref are Fréchet distances in the project's reference-classifier feature space (an offline "
+             "proxy, not FID); generation metrics are measured on samples whose labels follow the label_sampling "
+             "column of the table.",
+             "Deviations from the paper's recipe are listed item by item in docs/fidelity.md (python -m study.fidelity)."]
+    if ev.single_seed:
+        notes.append("Note: some cells ran 1 seed, so their numbers carry no interval (1 seed, no interval).")
+    return notes
+
+
 def report(runs: pd.DataFrame, out_dir: Path, cfg: Optional[ReportConfig] = None) -> Path:
     """Write report.html and report.md for a loaded runs frame into `out_dir`; return the HTML path."""
     cfg = cfg or ReportConfig()
     out_dir = Path(out_dir)
     sections = build_sections(runs, out_dir / "figures", cfg)
-    summary = [s for sec in sections for s in sec.sentences if sec.title not in ("Reconstructions", "Samples")]
-    summary += [f"{sec.title}: {sec.plot.missing}." for sec in sections if sec.plot.missing]
+    ev = evidence.gather(runs, confidence=cfg.confidence, n_boot=cfg.n_boot, seed=cfg.seed)
     screenshot = out_dir / SCREENSHOT
     name = runs.attrs.get("experiment", "sweep")
-    intro = (f"{describe(runs)}. Tracking store: {runs.attrs.get('tracking_uri')}. Intervals: mean ± "
-             f"{_pct(cfg)} Student-t over seeds; with few seeds the bootstrap p-values are coarse, so a ranking "
-             f"is called significant only when Welch's t-test agrees. fd_ref / rfd_ref are Fréchet distances in the project's "
-             f"reference-classifier feature space (an offline proxy, not FID).")
     left_out = None
     if not screenshot.is_file() and skipped_note(screenshot).is_file():
         left_out = f"MLflow UI screenshot skipped: {skipped_note(screenshot).read_text().strip()}"
-        summary.append(left_out)
-    page, md = render(f"vfmstudy report: {name}", intro, sections, summary,
-                      screenshot if screenshot.is_file() else None, overview(runs), out_dir, left_out)
+    title = f"vfmstudy report: {name}"
+    page, md = render(title, blocks(ev, scale_notes(runs, ev, cfg), sections, cfg),
+                      screenshot if screenshot.is_file() else None, out_dir, left_out)
     (out_dir / "report.md").write_text(md)
     path = out_dir / "report.html"
     path.write_text(page)

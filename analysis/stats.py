@@ -17,7 +17,8 @@ class Interval:
     n: int
 
     def text(self, fmt: str = ".3g") -> str:
-        spread = f" ± {self.half:{fmt}}" if np.isfinite(self.half) else " (1 seed, no interval)"
+        # one seed: the mean alone; the report says once that such numbers carry no interval
+        spread = f" ± {self.half:{fmt}}" if np.isfinite(self.half) else ""
         return f"{self.mean:{fmt}}{spread}"
 
 
