@@ -1,0 +1,190 @@
+"""The committed results page: docs/results.md, its figures under docs/results/, and
+docs/results/results.json holding every number the page shows.
+
+    python -m analysis.results_page STUDY_DIR --out docs --command "python -m study.sweep sweeps/objectives.yaml" \
+        --commit <sha of the commit the study ran at>
+
+The page is rendered from results.json alone (`render_page`), so a test can check that every
+number on the committed page is the one in the committed file.  It opens with the study's answer
+(`analysis.evidence`), then the one table, the comparison with the paper's claim, the
+between-objective tests, the predictor table and the figures with their takeaways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import evidence
+from analysis.figures import SERIES
+from analysis.report import ReportConfig, build_sections, markdown_table, scale_notes
+from analysis.results import direction, load_sweep
+from study import schema as S
+from study.config import ConfigError
+
+PAGE = "results.md"
+FOLDER = "results"  # next to the page: figures and the results file
+RESULTS_FILE = "results.json"
+# the paper's claim: backbones pretrained with a global contrastive (self-distillation) objective
+# plus latent masked modelling make the best tokenizers; in the objective registry that is this family
+PAPER_FAMILY = "self-distillation+latent-mim"
+PAPER_CLAIM = ("The paper finds that backbones pretrained with a global contrastive objective plus latent masked "
+               "image modelling make the best tokenizers.")
+
+
+# --------------------------------------------------------------------------- collecting
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-ready rows: numpy scalars as Python numbers, nan as None."""
+    return json.loads(frame.to_json(orient="records", force_ascii=False)) if len(frame) else []
+
+
+def paper_comparison(runs: pd.DataFrame, ev: evidence.Evidence, alpha: float) -> list[str]:
+    """Per pipeline: the family of the backbone with the best tokenizer quality, against the claim."""
+    if not ev.metrics or S.FAMILY not in runs:
+        return ["The claim cannot be checked: no run has a tokenizer quality metric and a backbone family."]
+    metric = ev.metrics[0]
+    families = runs.dropna(subset=[S.BACKBONE]).groupby(S.BACKBONE)[S.FAMILY].first().astype(str)
+    out = []
+    for (series, _), test in _by_pipeline(ev, metric).items():
+        groups = ev.groups[(ev.groups[SERIES] == series) & (ev.groups["metric"] == metric)]
+        best = groups.sort_values("mean", ascending=direction(metric) == "min").iloc[0]
+        family = families.get(best[S.BACKBONE], "?")
+        resolved = test["kruskal_p"] < alpha and test["anova_p"] < alpha
+        agrees = PAPER_FAMILY in families.values and family == PAPER_FAMILY
+        if not resolved:
+            verdict = "cannot confirm or refute it: the backbones are not distinguishable at this budget"
+        elif agrees:
+            verdict = "agrees with it"
+        else:
+            verdict = "disagrees with it" if PAPER_FAMILY in families.values else "cannot test it (no such backbone)"
+        out.append(f"{series}: the best {metric} is {best[S.BACKBONE]} (family {family}, mean {best['mean']:.4g}); "
+                   f"this run {verdict}.")
+    return out or ["The claim cannot be checked: no between-objective test could run (see below)."]
+
+
+def _by_pipeline(ev: evidence.Evidence, metric: str) -> dict[tuple[str, str], pd.Series]:
+    tests = ev.tests[ev.tests["metric"] == metric]
+    return {(row[SERIES], metric): row for _, row in tests.iterrows()}
+
+
+def collect(runs: pd.DataFrame, fig_dir: Path, *, command: str, commit: str, cfg: ReportConfig) -> dict[str, Any]:
+    """Every number and sentence of the page, and the figures drawn into `fig_dir`."""
+    ev = evidence.gather(runs, confidence=cfg.confidence, n_boot=cfg.n_boot, seed=cfg.seed)
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="vfmstudy-results-") as tmp:  # artifacts downloaded there stay out of docs
+        for sec in build_sections(runs, Path(tmp), cfg):
+            entry = {"title": sec.title, "takeaway": sec.takeaway, "file": None}
+            if sec.plot.path is not None:
+                fig_dir.mkdir(parents=True, exist_ok=True)
+                entry["file"] = sec.plot.path.name
+                shutil.copyfile(sec.plot.path, fig_dir / sec.plot.path.name)
+            figures.append(entry)
+    return {"study": runs.attrs.get("experiment"), "command": command, "commit": commit,
+            "confidence": cfg.confidence, "level": f"{cfg.confidence:.0%}", "answer": ev.answer, "notes": scale_notes(runs, ev, cfg),
+            "table": _records(ev.table), "paper_claim": PAPER_CLAIM, "comparison": paper_comparison(runs, ev, 1 - cfg.confidence),
+            "tests": _records(ev.tests), "groups": _records(ev.groups),
+            "untested": [f"{series}, {metric}: {why}." for (series, metric), why in ev.untested.items()],
+            "predictors": _records(ev.predictors), "verdict": ev.verdict, "figures": figures}
+
+
+# --------------------------------------------------------------------------- rendering
+def fmt(value: Any) -> str:
+    """How the page writes a number of the results file (and how the test reads it back)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _table(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
+    if not rows:
+        return "*(none)*"
+    columns = columns or list(rows[0])
+    return markdown_table(pd.DataFrame([[fmt(r.get(c)) for c in columns] for r in rows], columns=columns))
+
+
+TEST_SHOWN = [SERIES, "metric", "kruskal_h", "kruskal_p", "anova_f", "anova_p"]
+PREDICTOR_SHOWN = [SERIES, "property", "metric", "rho", "low", "high", "n_runs", "n_backbones", "resolved"]
+
+
+def render_page(results: dict[str, Any]) -> str:
+    """The Markdown page, from the results file's content only."""
+    pct = results["level"]
+    lines = [f"# Results: {results['study']}", "",
+             f"Produced by `{results['command']}` at commit `{results['commit']}`. Every number on this page is in "
+             f"[`{FOLDER}/{RESULTS_FILE}`]({FOLDER}/{RESULTS_FILE}).", "",
+             "## Answer", "", *results["answer"], "",
+             "## Scale and how to read it", "", *[f"- {n}" for n in results["notes"]], "",
+             "## Results", "", _table(results["table"]), "",
+             "## Comparison with the paper", "", results["paper_claim"], "", *[f"- {c}" for c in results["comparison"]],
+             "",
+             "## Between-objective tests", "", *[f"- {t['sentence']}" for t in results["tests"]],
+             *[f"- {u}" for u in results["untested"]], "", _table(results["tests"], TEST_SHOWN), "",
+             f"Per-backbone means with {pct} Student-t intervals over seeds:", "", _table(results["groups"]), "",
+             "## What predicts quality", "", results["verdict"], "",
+             f"Spearman ρ with a {pct} backbone-bootstrap interval:", "",
+             _table(results["predictors"], PREDICTOR_SHOWN), "",
+             "## Figures", ""]
+    for fig in results["figures"]:
+        lines += [f"### {fig['title']}", ""]
+        if fig["file"]:
+            lines += [f"![{fig['title']}]({FOLDER}/{fig['file']})", ""]
+        lines += [f"Takeaway: {fig['takeaway']}", ""]
+    return "\n".join(lines)
+
+
+def write_page(study: str | Path, out: Path, *, command: str, commit: str,
+               cfg: Optional[ReportConfig] = None) -> Path:
+    """Write <out>/results.md, <out>/results/*.png and <out>/results/results.json; return the page."""
+    cfg = cfg or ReportConfig()
+    out = Path(out)
+    fig_dir = out / FOLDER
+    results = collect(load_sweep(study), fig_dir, command=command, commit=commit, cfg=cfg)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    (fig_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    page = out / PAGE
+    page.write_text(render_page(results) + "\n")
+    return page
+
+
+def head_commit() -> str:
+    """The repository's HEAD, for a page generated at the commit the study ran at."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.results_page", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="study folder (or sweep spec) of the finished run")
+    parser.add_argument("--out", default="docs", help="folder of results.md (default: docs)")
+    parser.add_argument("--command", help="the command that produced the study (default: python -m study.sweep "
+                                          "<study>/sweep.yaml)")
+    parser.add_argument("--commit", help="the commit the study ran at (default: this repository's HEAD)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the predictor table")
+    args = parser.parse_args(argv)
+    command = args.command or f"python -m study.sweep {Path(args.study) / 'sweep.yaml'}"
+    try:
+        page = write_page(args.study, Path(args.out), command=command, commit=args.commit or head_commit(),
+                          cfg=ReportConfig(n_boot=args.n_boot))
+    except (ConfigError, FileNotFoundError, LookupError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"results page: {page.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
