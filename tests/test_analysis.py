@@ -392,14 +392,14 @@ def test_report_embeds_every_figure_and_writes_the_findings(runs, tmp_path):
     images = _images(page)
     assert len(images) == len(drawn) + 1  # + the MLflow screenshot
     assert {base64.b64decode(i) for i in images} >= {p.read_bytes() for p in drawn}
-    assert re.search(r"vfmtok\+gpt: inhouse:ibot has the lowest tok_eval/rfd_ref \([\d.]+ ± [\d.]+ over 3 seeds, "
-                     r"95 % t-interval\); runner-up inhouse:dino .*the ranking of the top two is (not )?significant "
+    assert re.search(r"vfmtok\+gpt: inhouse:ibot has the lowest tok_eval/rfd_ref \([\d.]+ ± [\d.]+, n = 3\); "
+                     r"runner-up inhouse:dino .*the ranking of the top two is (not )?significant "
                      r"\(bootstrap p [<=] [\d.e-]+, Welch t-test p = [\d.e-]+\)\.", page)
     assert re.search(r"vfmae: vfm/probe_acc vs tok_eval/rfd_ref across 3 backbones \(families: none, "
                      r"self-distillation, self-distillation\+latent-mim\): Spearman ρ = -1.00, 95 % bootstrap CI", page)
     assert "gpt: inhouse:ibot reaches generator/fd_ref = 50 (the configured level for inhouse:none) after 83 steps " \
            "vs 250 for inhouse:none: 3.00× faster" in page
-    assert "Semantic branch on/off: no runs with semantic varying." in page
+    assert "Takeaway: Not drawn: no runs with semantic varying." in page
     md = (out / "report.md").read_text()
     assert "![Convergence of the generators](figures/convergence.png)" in md
     assert "3.00× faster" in md and "assets/mlflow_compare.png" in md
@@ -475,3 +475,34 @@ def test_analysis_never_imports_models_or_torch():
             "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'tokenizer', 'generators')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- the answer (analysis.evidence)
+def test_answer_names_the_best_backbone_when_the_objectives_differ(runs):
+    from analysis import evidence
+    ev = evidence.gather(runs, n_boot=200)
+    assert 2 <= len(ev.answer) <= 3 and ev.answer[-1] == ev.verdict
+    assert "on vfmtok+gpt inhouse:ibot is best" in ev.answer[0] and RFD_REF in ev.answer[0]
+    test = ev.tests[(ev.tests[figures.SERIES] == "vfmtok+gpt") & (ev.tests["metric"] == RFD_REF)].iloc[0]
+    groups = [runs[(runs["pipeline"] == "vfmtok+gpt") & (runs[S.BACKBONE] == b) & (runs[S.NUM_QUERIES] == 64)
+                   & (runs[S.SAMPLER] == "region")][RFD_REF] for b in sorted(BACKBONES)]
+    assert test["kruskal_p"] == pytest.approx(sps.kruskal(*groups).pvalue)
+    assert test["anova_p"] == pytest.approx(sps.f_oneway(*groups).pvalue)
+    assert set(ev.table["seeds"]) == {3} and not ev.single_seed
+    assert set(ev.predictors["property"]) == {VFM_PROBE_ACC, S.metric(S.VFM, S.KNN_ACC)}
+
+
+def test_answer_says_not_distinguishable_when_the_backbones_do_not_differ(runs):
+    from analysis import evidence
+    null = runs.copy()
+    null[RFD_REF] = np.random.default_rng(0).normal(20, 1, len(null))  # no backbone effect
+    ev = evidence.gather(null, n_boot=200)
+    assert "the backbones are not distinguishable at this budget" in ev.answer[0]
+
+
+def test_answer_of_a_single_seed_study_says_why_it_is_untested(real_runs):
+    from analysis import evidence
+    ev = evidence.gather(real_runs, n_boot=50)
+    assert ev.tests.empty and ev.single_seed
+    assert "untested: need more than one seed" in ev.answer[0]
+    assert "too few" in ev.verdict or "No predictor can be resolved" in ev.verdict

@@ -82,9 +82,10 @@ def test_the_page_opens_with_the_answer_and_compares_with_the_paper(page):
 
 def test_a_changed_number_on_the_page_is_caught(page):
     text, results, _ = page
-    first = _shown_numbers(text.split("## Results", 1)[1])[0]
-    tampered = text.replace(first, first + "1", 1)
-    assert [n for n in _shown_numbers(tampered) if n not in _numbers(results)]
+    head, table = text.split("## Results\n", 1)
+    first = _shown_numbers(table)[0]
+    tampered = head + "## Results\n" + table.replace(first, "987654.3", 1)
+    assert [n for n in _shown_numbers(tampered) if n not in _numbers(results)] == ["987654.3"]
 
 
 def test_cli_names_a_missing_study(tmp_path, capsys):
