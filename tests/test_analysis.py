@@ -154,8 +154,8 @@ PROPERTIES = (S.SPATIAL_STRUCTURE, S.MUTUAL_KNN, S.CKNNA, S.RANKME)
 
 
 def test_real_chain_measures_representation_properties_of_backbones_and_latents(micro_study, real_runs):
-    """vfm and tok_eval log every property; the values are those of property_report recomputed on
-    features that do not depend on the stage's code (RankMe bounded by the sample count)."""
+    """vfm and tok_eval log every property, in range; the vfm stage's values equal a recompute
+    from the backbone it saved, the reference classifier and the val images, done here."""
     for kind in (S.VFM, S.TOK_EVAL):
         for key in PROPERTIES:
             values = real_runs[S.metric(kind, key)]
@@ -165,6 +165,30 @@ def test_real_chain_measures_representation_properties_of_backbones_and_latents(
     # the two backbones differ, so do their properties (the reference space is shared)
     per_backbone = real_runs.groupby(S.BACKBONE)[S.metric(S.VFM, S.RANKME)].first()
     assert per_backbone.nunique() == len(REAL_BACKBONES)
+    _recompute_vfm_properties(micro_study, real_runs.iloc[0])
+
+
+def _recompute_vfm_properties(micro_study, run) -> None:
+    import torch
+    from study.config import from_dict
+    from study.data import DataConfig, build_dataset, to_tensor_images
+    from study.metrics.reference import ReferenceClassifier
+    from study.metrics.representation import property_report
+    from study.pipeline.stages import SPEC
+    from tests.real_chain import MICRO
+    from tokenizer.vfm import VFMSpec, build_vfm
+
+    stages = micro_study["root"] / "stages"
+    vfm_result = read_stage_result(stages / S.VFM / run[S.stage_tag(S.VFM)])
+    vfm = build_vfm(from_dict(VFMSpec, vfm_result.outputs[SPEC]))
+    clf = ReferenceClassifier.load(stages / S.REFERENCE / run[S.stage_tag(S.REFERENCE)] / S.CLASSIFIER_FILE)
+    data = MICRO["base"]
+    images = build_dataset(from_dict(DataConfig, data["data"]), "val").images[:data["pretrain"]["eval"]["val_samples"]]
+    with torch.no_grad():
+        patches = vfm.final_tokens(to_tensor_images(images)).unflatten(1, vfm.grid)
+    expected = property_report(patches, clf.features(images), k=10, far=6)
+    for key, value in expected.items():
+        assert run[S.metric(S.VFM, key)] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_real_tok_eval_saves_sampling_points_and_gen_eval_records_label_sampling(micro_study, real_runs, tmp_path):
