@@ -230,9 +230,15 @@ def test_report_of_the_real_study_embeds_every_figure_it_drew(real_runs, tmp_pat
     path = report(real_runs, tmp_path / "report", ReportConfig(n_boot=50))
     page = html.unescape(path.read_text())
     drawn = sorted((tmp_path / "report" / "figures").glob("*.png"))
-    assert {"backbones", "convergence", "guidance", "reconstructions", "samples"} <= {p.stem for p in drawn}
+    assert {"backbones", "convergence", "guidance", "reconstructions", "samples", "token_usage",
+            "sampling_points"} <= {p.stem for p in drawn}
     assert {base64.b64decode(i) for i in _images(page)} == {p.read_bytes() for p in drawn}
     assert "fewer than 3 backbones" in page  # two backbones: no rank correlation is claimed
+    headings = re.findall(r"<h2>([^<]+)</h2>", page)
+    assert headings[:4] == ["Answer", "Scale and how to read it", "Results", "Figures"]
+    assert page.count("1 seed, no interval") == 1
+    before_figures = page.split("<h2>Figures</h2>")[0]
+    assert before_figures.count("<table") == 1  # the answer, the scale notes, then one table
 
 
 # --------------------------------------------------------------------------- results (known answers)
