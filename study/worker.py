@@ -128,11 +128,15 @@ def _is_prune(err: BaseException) -> bool:
 
 
 def _limit_threads(cpus: int) -> None:
-    """A job computes on the cores it asked for: torch would otherwise start one thread per core
-    of the node in every job, and jobs sharing a node slow each other down."""
+    """A job computes on the cores it asked for: torch and the BLAS behind numpy / scikit-learn
+    would otherwise start one thread per core of the node in every job, and jobs sharing a node
+    slow each other down. The BLAS pools exist before this runs (submitit imports numpy), so the
+    environment variable alone does not reach them; threadpoolctl resizes them in place."""
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     import torch
+    from threadpoolctl import threadpool_limits
     torch.set_num_threads(cpus)
+    threadpool_limits(limits=cpus)
 
 
 class StageJob(submitit.helpers.Checkpointable):

@@ -173,3 +173,13 @@ def test_a_stage_result_is_typed_and_an_old_layout_reruns_the_stage(tmp_path):
             StageResult(metrics=bad)
     ledger.write_result(tmp_path, {"mse": 1.0, "tags": {}})  # the reserved-keys dict of old results
     assert read_stage_result(tmp_path) is None
+
+
+def test_a_stage_job_computes_on_the_cores_it_asked_for():
+    """numpy (imported by submitit before any stage code) starts its BLAS pool with one thread per
+    core; a 1-cpu stage must shrink that pool too, not only torch's."""
+    code = ("import numpy, threadpoolctl, torch; from study.worker import _limit_threads; _limit_threads(1); "
+            "print(torch.get_num_threads(), max(d['num_threads'] for d in threadpoolctl.threadpool_info()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}).stdout.split()
+    assert out == ["1", "1"]
