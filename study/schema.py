@@ -35,6 +35,7 @@ RANKME = "rankme"
 # tok_eval: reconstructions; Fréchet distances in the reference classifier's space are *_ref,
 # rfid / gfid only with the real TF-Inception weights
 PSNR = "psnr"
+PSNR_CLASS_MEAN = "psnr_class_mean"  # the same val images predicted by their class's mean train image
 SSIM = "ssim"
 RFD_REF = "rfd_ref"
 RFID = "rfid"
@@ -50,7 +51,7 @@ RECALL_REF = "recall_ref"
 CLASS_CONSISTENCY = "class_consistency"
 GFID = "gfid"
 GUIDED = "_guided"  # suffix of the gen_eval metrics of guided sampling
-METRIC_KEYS = (VAL_ACC, KNN_ACC, PROBE_ACC, EFFECTIVE_RANK, UNIFORMITY, NUM_PARAMS, PSNR, SSIM, RFD_REF, RFID,
+METRIC_KEYS = (VAL_ACC, KNN_ACC, PROBE_ACC, EFFECTIVE_RANK, UNIFORMITY, NUM_PARAMS, PSNR, PSNR_CLASS_MEAN, SSIM, RFD_REF, RFID,
                CODEBOOK_USAGE, PERPLEXITY, TOKEN_ENTROPY_BITS, LATENT_MEAN, LATENT_STD, FD_REF, PRECISION_REF,
                RECALL_REF, CLASS_CONSISTENCY, GFID, SPATIAL_STRUCTURE, MUTUAL_KNN, CKNNA, RANKME)
 

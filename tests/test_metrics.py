@@ -239,6 +239,16 @@ def test_ssim_and_psnr_known_values():
     assert psnr(x, x + 0.2) == pytest.approx(20.0, rel=1e-6)
 
 
+def test_class_mean_psnr_is_the_psnr_of_each_class_mean_image():
+    """Known answer: two classes of constant images (train 90 and 110 -> mean 100 / train 190 and 210
+    -> mean 200); val images 105 and 195 are both 5 grey levels off their class mean."""
+    from study.metrics.image import class_mean_psnr
+    train = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (90, 110, 190, 210)])
+    val = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (105, 195)])
+    assert class_mean_psnr(train, [0, 0, 1, 1], val, [0, 1]) == pytest.approx(20 * np.log10(255 / 5), rel=1e-5)
+    assert class_mean_psnr(train, [0, 0, 1, 1], val, [1, 0]) < 10  # the wrong class's mean is far off
+
+
 def test_ssim_matches_skimage():
     from skimage import metrics  # a dev extra: missing it is a failure, not a skip
     rng = np.random.default_rng(0)

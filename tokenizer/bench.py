@@ -23,8 +23,7 @@ import torch
 
 from study.config import load
 from study.data import DataConfig, build_dataset
-from study.data import to_tensor_images
-from study.metrics.image import psnr_per_image
+from study.metrics import image as image_metrics
 from tokenizer.train import TokenizerRunConfig, TokenizerTask, train
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -33,10 +32,7 @@ CONFIGS = Path(__file__).parent / "configs"
 def class_mean_psnr(data: DataConfig) -> float:
     """PSNR of predicting every validation image by the mean training image of its class."""
     tr, va = build_dataset(data, "train"), build_dataset(data, "val")
-    x, y = to_tensor_images(tr.images), torch.as_tensor(tr.labels).long()
-    means = torch.stack([x[y == c].mean(0) for c in range(data.num_classes)])
-    xv, yv = to_tensor_images(va.images), torch.as_tensor(va.labels).long()
-    return float(psnr_per_image(xv, means[yv]).mean())
+    return image_metrics.class_mean_psnr(tr.images, tr.labels, va.images, va.labels)
 
 
 def psnr_bench(config: str | Path, overrides: list[str] = ()) -> dict:

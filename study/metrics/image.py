@@ -40,6 +40,16 @@ def psnr(a, b, data_range: float = 1.0) -> float:
     return float(psnr_per_image(a, b, data_range).mean())
 
 
+def class_mean_psnr(train_images, train_labels, val_images, val_labels) -> float:
+    """PSNR of predicting each val image by the mean train image of its class: the floor a
+    class-conditional reconstruction must clear to show more than the class it belongs to."""
+    x, y = to_float_nchw(train_images), torch.as_tensor(train_labels).long()
+    xv, yv = to_float_nchw(val_images), torch.as_tensor(val_labels).long()
+    means = torch.zeros(int(max(y.max(), yv.max())) + 1, *x.shape[1:], dtype=x.dtype).index_add_(0, y, x)
+    means /= torch.bincount(y, minlength=len(means)).clamp_min(1).view(-1, 1, 1, 1)
+    return psnr(xv, means[yv])
+
+
 def _gaussian_kernel(sigma: float = 1.5, truncate: float = 3.5) -> torch.Tensor:
     radius = int(truncate * sigma + 0.5)
     g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))

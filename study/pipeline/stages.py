@@ -30,7 +30,7 @@ from study.data import DataConfig, build_dataset, to_tensor_images, to_uint8
 from study.metrics.codebook import codebook_stats
 from study.metrics.features import RefSpace, distribution_metrics
 from study.metrics.grids import class_grid, reconstruction_grid
-from study.metrics.image import psnr, ssim
+from study.metrics.image import class_mean_psnr, psnr, ssim
 from study.metrics.probes import linear_probe
 from study.metrics.reference import ReferenceClassifier, class_consistency
 from study.metrics.representation import property_report
@@ -159,11 +159,13 @@ def run_tok_eval(ctx: StageContext) -> StageResult:
     cfg: TokEvalStage = ctx.config
     ev = cfg.eval
     tokenizer = load_tokenizer(ctx.inputs[S.TOKENIZER].dir, map_location=_device())
-    images, _ = _val_images(cfg.data, ev.recon_images)
+    images, labels = _val_images(cfg.data, ev.recon_images)
     codes = _batched(tokenizer.encode, to_tensor_images(images), ev.batch_size)
     recon = _decode(tokenizer, codes, ev.batch_size)
     clf = _reference(ctx)
-    out = {S.PSNR: psnr(images, recon), S.SSIM: ssim(images, recon),
+    train = build_dataset(cfg.data, "train")
+    out = {S.PSNR: psnr(images, recon), S.PSNR_CLASS_MEAN: class_mean_psnr(train.images, train.labels, images, labels),
+           S.SSIM: ssim(images, recon),
            S.RFD_REF: distribution_metrics(RefSpace(clf), recon, images)[S.FD_REF]}
     if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
         from study.metrics.fid import InceptionConfig, rfid
