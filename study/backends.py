@@ -5,6 +5,10 @@
              every job at once and gives all of them the same GPUs (submitit #1685), so jobs
              start only when their resources are free, one job per GPU via CUDA_VISIBLE_DEVICES
     slurm  - submitit job arrays under executor.batch(), chunked to the site's MaxArraySize
+
+A stage whose resources ask for several ranks (nodes x tasks_per_node) runs as that many
+processes of one job: Slurm starts them with srun, the local backend with submitit's
+tasks_per_node (one machine only); the worker joins them into a torch.distributed group.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any, Callable, Optional
 import submitit
 
 from study import ledger
-from study.spec import LauncherSpec, Resources
+from study.config import ConfigError
+from study.spec import LauncherSpec, Resources, SweepSpec
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Backend:
 
     def _params(self, res: Resources, name: str) -> dict:
         params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus, gpus_per_node=res.gpus,
-                      mem_gb=res.mem_gb, name=name)
+                      nodes=res.nodes, tasks_per_node=res.tasks, mem_gb=res.mem_gb, name=name)
         params.update(self.spec.submitit)
         return params
 
@@ -98,11 +103,9 @@ class LocalBackend(Backend):
         if len(self.running) >= self.max_parallel:
             return False
         busy = {g for _, gpus, _ in self.running.values() for g in gpus}
-        if res.gpus > len(self.gpus):
-            raise ValueError(f"a stage asks for {res.gpus} GPUs but the local pool has {len(self.gpus)}")
         used_cpus = sum(c for _, _, c in self.running.values())
         # a job larger than the machine still runs, alone, rather than never
-        cpu_ok = used_cpus + res.cpus <= self.cpus or not self.running
+        cpu_ok = used_cpus + res.cpus * res.tasks <= self.cpus or not self.running
         return len(self.gpus) - len(busy) >= res.gpus and cpu_ok
 
     def submit(self, fn, args, res, name, after=()):
@@ -114,9 +117,9 @@ class LocalBackend(Backend):
             ex = submitit.LocalExecutor(folder=self.folder)
             extra = {k.removeprefix("local_"): v for k, v in self.spec.submitit.items() if k.startswith("local_")}
             ex.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus, visible_gpus=tuple(gpus),
-                                 **extra)
+                                 tasks_per_node=res.tasks, **extra)
             job = ex.submit(fn, *a)
-            self.running[job.job_id] = (job, gpus, res.cpus)
+            self.running[job.job_id] = (job, gpus, res.cpus * res.tasks)
             out.append(Submitted(job.job_id, str(job.paths.stdout), job))
         return out
 
@@ -178,6 +181,35 @@ def site_max_array_size() -> int:
         if line.strip().startswith("MaxArraySize"):
             return max(1, int(line.split("=")[1].strip()) - 1)
     return 1000  # Slurm's default MaxArraySize is 1001
+
+
+def check_resources(spec: SweepSpec, source: str) -> None:
+    """Refuse, before anything is created, resources this backend cannot give a stage."""
+    try:
+        _check_resources(spec)
+    except ConfigError as err:
+        raise ConfigError(err.detail, source=source, key=err.key) from None
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    launcher = spec.launcher
+    for kind in spec.stages:
+        res, key = spec.resources_for(kind), f"resources.{kind}"
+        if res.gpus and res.tasks != res.gpus:
+            raise ConfigError(f"{res.gpus} GPUs per node but {res.tasks} tasks per node: a rank drives one GPU "
+                              "(drop tasks_per_node, or set it to gpus)", key=f"{key}.tasks_per_node")
+        if launcher.backend == "debug" and res.ranks > 1:
+            raise ConfigError(f"{res.ranks} ranks, but the debug backend runs stages in its own process "
+                              "(use launcher.backend: local or slurm)", key=key)
+        if launcher.backend != "local":
+            continue
+        if res.nodes > 1:
+            raise ConfigError(f"nodes: {res.nodes}, but the local backend runs on this machine only "
+                              "(set nodes: 1, or use launcher.backend: slurm)", key=f"{key}.nodes")
+        pool = list(launcher.gpus) if launcher.gpus is not None else list(range(_visible_gpu_count()))
+        if res.gpus > len(pool):
+            raise ConfigError(f"gpus: {res.gpus}, but the local pool has {len(pool)} GPU(s) "
+                              f"(lower it, or list more in launcher.gpus)", key=f"{key}.gpus")
 
 
 def make_backend(spec: LauncherSpec, root: Path) -> Backend:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from study import ledger, schema, tracking
-from study.backends import make_backend
+from study.backends import check_resources, make_backend
 from study.config import ConfigError, dump_yaml
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               open_tracking, stage_runs)
@@ -39,6 +39,7 @@ COMMANDS = ("run", "status", "wait", "collect")
 def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
     """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
     spec = load_spec(path, overrides)
+    check_resources(spec, str(path))
     if spec.search:  # every value a trial can draw, typed like a cell
         build_plan(spec, str(path), drafts=search_probes(spec))
     return build_plan(spec, str(path))
