@@ -13,6 +13,7 @@ tasks_per_node (one machine only); the worker joins them into a torch.distribute
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -210,6 +211,80 @@ def _check_resources(spec: SweepSpec) -> None:
         if res.gpus > len(pool):
             raise ConfigError(f"gpus: {res.gpus}, but the local pool has {len(pool)} GPU(s) "
                               f"(lower it, or list more in launcher.gpus)", key=f"{key}.gpus")
+
+
+# --------------------------------------------------------------------------- dry-run: ranks, stores, GPU-hours
+def spans_nodes(spec: SweepSpec) -> bool:
+    """Jobs of this sweep may run on several machines at once (their stores are shared)."""
+    return spec.launcher.backend == "slurm" or any(spec.resources_for(k).nodes > 1 for k in spec.stages)
+
+
+def store_warnings(spec: SweepSpec) -> list[str]:
+    """Stores that many machines must not write through a shared filesystem, with the fix."""
+    if not spans_nodes(spec):
+        return []
+    found = []
+    uri = spec.tracking.uri or ""
+    if spec.tracking.enabled and (uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri):
+        found.append(f"tracking.uri {uri or 'sqlite:///<study_dir>/mlflow.db'}: an MLflow file store written by jobs "
+                     "on many nodes through a shared filesystem (NFS) locks unreliably (start one server: "
+                     "python -m study.cluster.mlflow_server start DIR, then tracking.uri: the URL it prints)")
+    storage = spec.search.storage if spec.search else None
+    if spec.search and (storage is None or storage.startswith("sqlite:") or "://" not in storage):
+        found.append(f"search.storage {storage or '<study_dir>/optuna.journal'}: Optuna's JournalFileBackend (or "
+                     "sqlite) is known to corrupt on NFS under Slurm (search.storage: an RDB URL such as "
+                     "postgresql://USER@HOST/DB, or a journal behind optuna.storages.run_grpc_proxy_server)")
+    return found
+
+
+def bench_figures() -> tuple[dict, str]:
+    """Measured images/s per GPU from `python -m study.bench gpu --out FILE` named by
+    $VFMSTUDY_BENCH, and where they came from ("" when there are none)."""
+    path = os.environ.get("VFMSTUDY_BENCH")
+    if not path:
+        return {}, ""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the benchmark JSON ({err}); run python -m study.bench gpu "
+                          "--out FILE and point VFMSTUDY_BENCH at it", key="VFMSTUDY_BENCH") from None
+    rates = {name: item["images_per_s"] for name, item in report.get("items", {}).items()
+             if isinstance(item, dict) and item.get("images_per_s")}
+    return rates, f"{path} ({report.get('device', 'device not named')}, sizes {report.get('sizes', {}).get('name')})"
+
+
+# which benchmark item measures a stage's training step
+BENCH_ITEM = {"tokenizer": "tokenizer_paper"}
+
+
+def estimated_gpu_hours(plan, kind: str, rates: dict) -> Optional[float]:
+    """GPU-hours of one job of `kind`: steps x global batch / (measured images/s per GPU), the
+    GPUs of all ranks together; None without a measured figure."""
+    rate = rates.get(BENCH_ITEM.get(kind, ""))
+    stage = next((s for s in plan.stages.values() if s.kind == kind), None)
+    train = getattr(getattr(stage.config, kind, None), "train", None) if stage else None
+    if not rate or train is None:
+        return None
+    return train.steps * train.batch_size / rate / 3600
+
+
+def scale_summary(plan) -> list[str]:
+    """Dry-run lines: ranks per stage, an estimate of GPU-hours per job, the stores in use and
+    the ones unsafe for a sweep over many nodes."""
+    spec = plan.spec
+    rates, source = bench_figures()
+    lines = ["ranks per stage (nodes x tasks per node; gpus per node) and estimated GPU-hours per job "
+             f"({'from ' + source if source else 'no measured figures: set VFMSTUDY_BENCH=FILE.json from python -m study.bench gpu'}):"]
+    for kind in spec.stages:
+        res = spec.resources_for(kind)
+        hours = estimated_gpu_hours(plan, kind, rates)
+        est = f"~{hours:.3g} GPU-h (estimate)" if hours is not None else "no estimate"
+        lines.append(f"  {kind:12s} {res.ranks:3d} rank(s) = {res.nodes} x {res.tasks}; {res.gpus} GPU(s)/node   {est}")
+    store = spec.tracking.uri or "sqlite:///<study_dir>/mlflow.db" if spec.tracking.enabled else "off"
+    lines.append(f"stores: MLflow {store}" + (f"; Optuna {spec.search.storage or '<study_dir>/optuna.journal'}"
+                                             if spec.search else ""))
+    lines.extend(f"  UNSAFE at cluster scale: {w}" for w in store_warnings(spec))
+    return lines
 
 
 def make_backend(spec: LauncherSpec, root: Path) -> Backend:

@@ -54,6 +54,10 @@ class _StatusCallback(Callback):
             loss = next(((k, v) for k, v in metrics.items() if k.startswith("loss")), None)
             ledger.update_status(self.dir, step=step, last_metric=dict([loss]) if loss else {})
 
+    def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
+        # not throttled: the stage's result is logged to MLflow at this step, the curves' last
+        ledger.update_status(self.dir, step=step)
+
 
 def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: int = 0,
               extra_callbacks: list[Callback] = (), job_id: str = "inline", rank: int = 0) -> StageResult:
@@ -193,6 +197,11 @@ def join_ranks() -> Optional[int]:
         return None
     if env.num_tasks <= 1:
         return None
+    # every task computes the same port; a requeued job gets a new one, so the rerun never
+    # waits for the previous attempt's socket to be released
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    digits = int("".join(c for c in env.job_id if c.isdigit()) or "0")
+    os.environ.setdefault("MASTER_PORT", str(20000 + (digits * 7919 + restarts * 104729) % 40000))
     # each task keeps every GPU of its node visible and picks cuda:LOCAL_RANK itself
     dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                      overwrite=True)

@@ -23,9 +23,10 @@ from tests.real_chain import MICRO
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 STEPS = 4
-# the quantizer's buffer of recently used codes records the codes of its own rank only: on rank 0,
-# half of each global batch (a known limit of the usage statistics under DDP, not of training)
-RANK_LOCAL = "quantizer.recent"
+# the quantizer's buffer of recently used codes (and its write cursor) records the codes of its own
+# rank only: on rank 0, half of each global batch (a limit of the usage statistics under DDP, not
+# of training)
+RANK_LOCAL = {"quantizer.recent", "quantizer.cursor"}
 
 
 def tokenizer_spec(root: Path, launcher: dict, tokenizer_res: dict | None = None, steps: int = STEPS) -> str:
@@ -82,7 +83,7 @@ def test_two_local_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
 
     ref_w, got_w = final_weights(tokenizer_stage_dir(one)), final_weights(tokenizer_stage_dir(two))
     for name, tensor in ref_w.items():
-        if name == RANK_LOCAL:
+        if name in RANK_LOCAL:
             continue
         assert torch.allclose(got_w[name], tensor, atol=WEIGHT_ATOL), name
     ckpt = torch.load(tokenizer_stage_dir(two) / "checkpoints" / "last.pt", weights_only=True)
@@ -113,3 +114,22 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
     monkeypatch.setattr("study.training.init_distributed", lambda: (0, 3, 0))
     with pytest.raises(ValueError, match="train.batch_size=8 does not split over 3 ranks"):
         Trainer(TrainConfig(steps=1, batch_size=8, device="cpu", progress=False), Regression(8))
+
+
+def test_dry_run_shows_ranks_unsafe_stores_and_an_estimate_from_the_benchmark(tmp_path, monkeypatch):
+    from study.backends import scale_summary
+
+    path = tokenizer_spec(tmp_path, {"backend": "slurm"}, {"gpus": 4, "nodes": 2})
+    bench = tmp_path / "bench.json"
+    bench.write_text('{"device": "NVIDIA H200", "sizes": {"name": "full"}, '
+                     '"items": {"tokenizer_paper": {"images_per_s": 2.0}}}')
+    monkeypatch.setenv("VFMSTUDY_BENCH", str(bench))
+    text = "\n".join(scale_summary(load_plan(path)))
+    # steps x global batch / (images/s per GPU): the GPU-seconds of all ranks together
+    hours = STEPS * MICRO["base"]["tokenizer"]["train"]["batch_size"] / 2.0 / 3600
+    assert f"{S.TOKENIZER}      8 rank(s) = 2 x 4; 4 GPU(s)/node   ~{hours:.3g} GPU-h (estimate)" in text
+    assert "UNSAFE at cluster scale: tracking.uri sqlite:///<study_dir>/mlflow.db" in text
+    assert "study.cluster.mlflow_server start" in text
+
+    local = tokenizer_spec(tmp_path / "local", {"backend": "local"})
+    assert "UNSAFE" not in "\n".join(scale_summary(load_plan(local)))
