@@ -205,12 +205,12 @@ def _check_resources(spec: SweepSpec) -> None:
         if launcher.backend != "local":
             continue
         if res.nodes > 1:
-            raise ConfigError(f"nodes: {res.nodes}, but the local backend runs on this machine only "
+            raise ConfigError(f"{res.nodes} nodes asked, but the local backend runs on this machine only "
                               "(set nodes: 1, or use launcher.backend: slurm)", key=f"{key}.nodes")
         pool = list(launcher.gpus) if launcher.gpus is not None else list(range(_visible_gpu_count()))
         if res.gpus > len(pool):
-            raise ConfigError(f"gpus: {res.gpus}, but the local pool has {len(pool)} GPU(s) "
-                              f"(lower it, or list more in launcher.gpus)", key=f"{key}.gpus")
+            raise ConfigError(f"{res.gpus} GPU(s) asked, but the local pool has {len(pool)} "
+                              "(lower it, or list more in launcher.gpus)", key=f"{key}.gpus")
 
 
 # --------------------------------------------------------------------------- dry-run: ranks, stores, GPU-hours

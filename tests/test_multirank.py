@@ -93,8 +93,8 @@ def test_two_local_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.parametrize("launcher, res, problem", [
-    ({"backend": "local", "gpus": []}, {"gpus": 1}, "gpus: 1, but the local pool has 0 GPU(s)"),
-    ({"backend": "local"}, {"nodes": 2}, "nodes: 2, but the local backend runs on this machine only"),
+    ({"backend": "local", "gpus": []}, {"gpus": 1}, "1 GPU(s) asked, but the local pool has 0"),
+    ({"backend": "local"}, {"nodes": 2}, "2 nodes asked, but the local backend runs on this machine only"),
     ({"backend": "debug"}, {"tasks_per_node": 2}, "2 ranks, but the debug backend runs stages in its own process"),
     ({"backend": "slurm"}, {"gpus": 4, "tasks_per_node": 2}, "4 GPUs per node but 2 tasks per node"),
 ])
