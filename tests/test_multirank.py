@@ -133,3 +133,21 @@ def test_dry_run_shows_ranks_unsafe_stores_and_an_estimate_from_the_benchmark(tm
 
     local = tokenizer_spec(tmp_path / "local", {"backend": "local"})
     assert "UNSAFE" not in "\n".join(scale_summary(load_plan(local)))
+
+
+def test_an_optuna_journal_file_is_flagged_on_slurm_and_an_rdb_url_is_not(tmp_path):
+    import dataclasses
+
+    from study.backends import store_warnings
+    from study.spec import ParamSpec, SearchSpec
+
+    spec = load_plan(tokenizer_spec(tmp_path, {"backend": "slurm"})).spec
+    server = dataclasses.replace(spec, tracking=dataclasses.replace(spec.tracking, uri="http://host:5000"))
+    space = {"tokenizer.optim.lr": ParamSpec(type="float", low=1e-4, high=1e-3)}
+    journal = dataclasses.replace(server, search=SearchSpec(n_trials=2, metric="tokenizer/x", space=space))
+    rdb = dataclasses.replace(server, search=SearchSpec(n_trials=2, metric="tokenizer/x", space=space,
+                                                         storage="postgresql://user@db/optuna"))
+    assert store_warnings(server) == []
+    [warning] = store_warnings(journal)
+    assert "JournalFileBackend" in warning and "postgresql://" in warning
+    assert store_warnings(rdb) == []
