@@ -5,10 +5,15 @@
              every job at once and gives all of them the same GPUs (submitit #1685), so jobs
              start only when their resources are free, one job per GPU via CUDA_VISIBLE_DEVICES
     slurm  - submitit job arrays under executor.batch(), chunked to the site's MaxArraySize
+
+A stage whose resources ask for several ranks (nodes x tasks_per_node) runs as that many
+processes of one job: Slurm starts them with srun, the local backend with submitit's
+tasks_per_node (one machine only); the worker joins them into a torch.distributed group.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +23,8 @@ from typing import Any, Callable, Optional
 import submitit
 
 from study import ledger
-from study.spec import LauncherSpec, Resources
+from study.config import ConfigError
+from study.spec import LauncherSpec, Resources, SweepSpec
 
 
 @dataclass
@@ -53,7 +59,7 @@ class Backend:
 
     def _params(self, res: Resources, name: str) -> dict:
         params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus, gpus_per_node=res.gpus,
-                      mem_gb=res.mem_gb, name=name)
+                      nodes=res.nodes, tasks_per_node=res.tasks, mem_gb=res.mem_gb, name=name)
         params.update(self.spec.submitit)
         return params
 
@@ -98,11 +104,9 @@ class LocalBackend(Backend):
         if len(self.running) >= self.max_parallel:
             return False
         busy = {g for _, gpus, _ in self.running.values() for g in gpus}
-        if res.gpus > len(self.gpus):
-            raise ValueError(f"a stage asks for {res.gpus} GPUs but the local pool has {len(self.gpus)}")
         used_cpus = sum(c for _, _, c in self.running.values())
         # a job larger than the machine still runs, alone, rather than never
-        cpu_ok = used_cpus + res.cpus <= self.cpus or not self.running
+        cpu_ok = used_cpus + res.cpus * res.tasks <= self.cpus or not self.running
         return len(self.gpus) - len(busy) >= res.gpus and cpu_ok
 
     def submit(self, fn, args, res, name, after=()):
@@ -114,9 +118,9 @@ class LocalBackend(Backend):
             ex = submitit.LocalExecutor(folder=self.folder)
             extra = {k.removeprefix("local_"): v for k, v in self.spec.submitit.items() if k.startswith("local_")}
             ex.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus, visible_gpus=tuple(gpus),
-                                 **extra)
+                                 tasks_per_node=res.tasks, **extra)
             job = ex.submit(fn, *a)
-            self.running[job.job_id] = (job, gpus, res.cpus)
+            self.running[job.job_id] = (job, gpus, res.cpus * res.tasks)
             out.append(Submitted(job.job_id, str(job.paths.stdout), job))
         return out
 
@@ -178,6 +182,109 @@ def site_max_array_size() -> int:
         if line.strip().startswith("MaxArraySize"):
             return max(1, int(line.split("=")[1].strip()) - 1)
     return 1000  # Slurm's default MaxArraySize is 1001
+
+
+def check_resources(spec: SweepSpec, source: str) -> None:
+    """Refuse, before anything is created, resources this backend cannot give a stage."""
+    try:
+        _check_resources(spec)
+    except ConfigError as err:
+        raise ConfigError(err.detail, source=source, key=err.key) from None
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    launcher = spec.launcher
+    for kind in spec.stages:
+        res, key = spec.resources_for(kind), f"resources.{kind}"
+        if res.gpus and res.tasks != res.gpus:
+            raise ConfigError(f"{res.gpus} GPUs per node but {res.tasks} tasks per node: a rank drives one GPU "
+                              "(drop tasks_per_node, or set it to gpus)", key=f"{key}.tasks_per_node")
+        if launcher.backend == "debug" and res.ranks > 1:
+            raise ConfigError(f"{res.ranks} ranks, but the debug backend runs stages in its own process "
+                              "(use launcher.backend: local or slurm)", key=key)
+        if launcher.backend != "local":
+            continue
+        if res.nodes > 1:
+            raise ConfigError(f"{res.nodes} nodes asked, but the local backend runs on this machine only "
+                              "(set nodes: 1, or use launcher.backend: slurm)", key=f"{key}.nodes")
+        pool = list(launcher.gpus) if launcher.gpus is not None else list(range(_visible_gpu_count()))
+        if res.gpus > len(pool):
+            raise ConfigError(f"{res.gpus} GPU(s) asked, but the local pool has {len(pool)} "
+                              "(lower it, or list more in launcher.gpus)", key=f"{key}.gpus")
+
+
+# --------------------------------------------------------------------------- dry-run: ranks, stores, GPU-hours
+def spans_nodes(spec: SweepSpec) -> bool:
+    """Jobs of this sweep may run on several machines at once (their stores are shared)."""
+    return spec.launcher.backend == "slurm" or any(spec.resources_for(k).nodes > 1 for k in spec.stages)
+
+
+def store_warnings(spec: SweepSpec) -> list[str]:
+    """Stores that many machines must not write through a shared filesystem, with the fix."""
+    if not spans_nodes(spec):
+        return []
+    found = []
+    uri = spec.tracking.uri or ""
+    if spec.tracking.enabled and (uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri):
+        found.append(f"tracking.uri {uri or 'sqlite:///<study_dir>/mlflow.db'}: an MLflow file store written by jobs "
+                     "on many nodes through a shared filesystem (NFS) locks unreliably (start one server: "
+                     "python -m study.cluster.mlflow_server start DIR, then tracking.uri: the URL it prints)")
+    storage = spec.search.storage if spec.search else None
+    if spec.search and (storage is None or storage.startswith("sqlite:") or "://" not in storage):
+        found.append(f"search.storage {storage or '<study_dir>/optuna.journal'}: Optuna's JournalFileBackend (or "
+                     "sqlite) is known to corrupt on NFS under Slurm (search.storage: an RDB URL such as "
+                     "postgresql://USER@HOST/DB, or a journal behind optuna.storages.run_grpc_proxy_server)")
+    return found
+
+
+def bench_figures() -> tuple[dict, str]:
+    """Measured images/s per GPU from `python -m study.bench gpu --out FILE` named by
+    $VFMSTUDY_BENCH, and where they came from ("" when there are none)."""
+    path = os.environ.get("VFMSTUDY_BENCH")
+    if not path:
+        return {}, ""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the benchmark JSON ({err}); run python -m study.bench gpu "
+                          "--out FILE and point VFMSTUDY_BENCH at it", key="VFMSTUDY_BENCH") from None
+    rates = {name: item["images_per_s"] for name, item in report.get("items", {}).items()
+             if isinstance(item, dict) and item.get("images_per_s")}
+    return rates, f"{path} ({report.get('device', 'device not named')}, sizes {report.get('sizes', {}).get('name')})"
+
+
+# which benchmark item measures a stage's training step
+BENCH_ITEM = {"tokenizer": "tokenizer_paper"}
+
+
+def estimated_gpu_hours(plan, kind: str, rates: dict) -> Optional[float]:
+    """GPU-hours of one job of `kind`: steps x global batch / (measured images/s per GPU), the
+    GPUs of all ranks together; None without a measured figure."""
+    rate = rates.get(BENCH_ITEM.get(kind, ""))
+    stage = next((s for s in plan.stages.values() if s.kind == kind), None)
+    train = getattr(getattr(stage.config, kind, None), "train", None) if stage else None
+    if not rate or train is None:
+        return None
+    return train.steps * train.batch_size / rate / 3600
+
+
+def scale_summary(plan) -> list[str]:
+    """Dry-run lines: ranks per stage, an estimate of GPU-hours per job, the stores in use and
+    the ones unsafe for a sweep over many nodes."""
+    spec = plan.spec
+    rates, source = bench_figures()
+    lines = ["ranks per stage (nodes x tasks per node; gpus per node) and estimated GPU-hours per job "
+             f"({'from ' + source if source else 'no measured figures: set VFMSTUDY_BENCH=FILE.json from python -m study.bench gpu'}):"]
+    for kind in spec.stages:
+        res = spec.resources_for(kind)
+        hours = estimated_gpu_hours(plan, kind, rates)
+        est = f"~{hours:.3g} GPU-h (estimate)" if hours is not None else "no estimate"
+        lines.append(f"  {kind:12s} {res.ranks:3d} rank(s) = {res.nodes} x {res.tasks}; {res.gpus} GPU(s)/node   {est}")
+    store = spec.tracking.uri or "sqlite:///<study_dir>/mlflow.db" if spec.tracking.enabled else "off"
+    lines.append(f"stores: MLflow {store}" + (f"; Optuna {spec.search.storage or '<study_dir>/optuna.journal'}"
+                                             if spec.search else ""))
+    lines.extend(f"  UNSAFE at cluster scale: {w}" for w in store_warnings(spec))
+    return lines
 
 
 def make_backend(spec: LauncherSpec, root: Path) -> Backend:

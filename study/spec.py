@@ -42,12 +42,26 @@ Backend = Literal["debug", "local", "slurm"]
 
 @dataclass
 class Resources:
-    """What one job of a stage asks for; `timeout_min` also bounds the dry-run GPU-hour estimate."""
+    """What one job of a stage asks for; `timeout_min` also bounds the dry-run GPU-hour estimate.
+
+    A job runs `ranks` = nodes x tasks_per_node processes (one torch.distributed rank each);
+    `gpus` and `cpus` are per node and per task. tasks_per_node defaults to one per GPU, or 1."""
     gpus: int = bounded(0, ge=0)
+    nodes: int = bounded(1, ge=1)
+    tasks_per_node: Optional[int] = bounded(None, ge=1)
     cpus: int = bounded(1, ge=1)
     mem_gb: float = bounded(4.0, gt=0)
     timeout_min: int = bounded(60, ge=1)
     partition: Optional[str] = None
+
+    @property
+    def tasks(self) -> int:
+        """Processes per node."""
+        return self.tasks_per_node or max(1, self.gpus)
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from study import ledger, schema, tracking
-from study.backends import make_backend
+from study.backends import check_resources, make_backend, scale_summary
 from study.config import ConfigError, dump_yaml
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               open_tracking, stage_runs)
@@ -39,6 +39,7 @@ COMMANDS = ("run", "status", "wait", "collect")
 def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
     """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
     spec = load_spec(path, overrides)
+    check_resources(spec, str(path))
     if spec.search:  # every value a trial can draw, typed like a cell
         build_plan(spec, str(path), drafts=search_probes(spec))
     return build_plan(spec, str(path))
@@ -128,13 +129,14 @@ def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
         res = spec.resources_for(kind)
         median = _median_runtime(plan, kind)
         per_job_h = (median if median is not None else res.timeout_min * 60) / 3600
-        gpu_h += len(to_run) * res.gpus * per_job_h
-        cpu_h += len(to_run) * res.cpus * per_job_h
+        gpu_h += len(to_run) * res.gpus * res.nodes * per_job_h
+        cpu_h += len(to_run) * res.cpus * res.ranks * per_job_h
         est = f"{_fmt_s(median)} med" if median is not None else f"<={res.timeout_min}min"
         lines.append(f"  {kind:15s} {len(keys):5d} {len(to_run):7d} {res.gpus:5d} {res.cpus:4d} {res.mem_gb:6g} "
-                     f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * per_job_h:10.2f}")
+                     f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * res.nodes * per_job_h:10.2f}")
     lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
                  "else the timeout as an upper bound). Nothing was run.")
+    lines.extend(scale_summary(plan))
     missing = missing_inputs(plan)
     if missing:
         lines.append(f"missing input files ({len(missing)}; a run would refuse to start):")

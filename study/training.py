@@ -222,6 +222,10 @@ class Trainer:
         self.cfg, self.task = cfg, task
         self.callbacks = list(callbacks or [])
         self.rank, self.world, local = init_distributed()
+        if cfg.batch_size % self.world:
+            # each rank draws batch_size // world rows: the global batch, and with it the run, would change
+            raise ValueError(f"train.batch_size={cfg.batch_size} does not split over {self.world} ranks "
+                             f"(use a multiple of {self.world})")
         self.device = resolve_device(cfg.device, local)
         self.autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" and self.device.type == "cuda") else None
         self.out_dir = Path(cfg.out_dir)
@@ -279,6 +283,8 @@ class Trainer:
         self.task.load_extra_state(state.get("task", {}))
         self.step = state["step"]
         self.last_metrics = state.get("metrics", {})
+        # a run may resume at another world size: the rows of a step's global batch do not depend
+        # on it; ranks that did not exist before reuse rank 0's generators
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 

@@ -4,6 +4,11 @@ The truth is the ledger (study.ledger): the worker writes RUNNING / COMPLETED / 
 (with retries of Python errors and their tracebacks), tags the cell runs with the job, logs
 the stage's curves and result to MLflow, and on preemption marks the stage PREEMPTED and lets
 submitit requeue the same job, which resumes from the stage's last checkpoint.
+
+A job of several ranks (resources nodes x tasks_per_node) runs the stage function on every
+rank inside one torch.distributed group (the Trainer shards batches and averages gradients);
+only rank 0 writes the ledger and MLflow, and the Trainer writes checkpoints on rank 0 only.
+After a requeue every rank resumes from that same checkpoint.
 """
 
 from __future__ import annotations
@@ -49,14 +54,21 @@ class _StatusCallback(Callback):
             loss = next(((k, v) for k, v in metrics.items() if k.startswith("loss")), None)
             ledger.update_status(self.dir, step=step, last_metric=dict([loss]) if loss else {})
 
+    def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
+        # not throttled: the stage's result is logged to MLflow at this step, the curves' last
+        ledger.update_status(self.dir, step=step)
+
 
 def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: int = 0,
-              extra_callbacks: list[Callback] = (), job_id: str = "inline") -> StageResult:
+              extra_callbacks: list[Callback] = (), job_id: str = "inline", rank: int = 0) -> StageResult:
     """Execute one stage with its ledger bookkeeping; return its result.
 
     Runs under a per-stage lock, so two jobs that need the same stage (Optuna trials sharing
     a dataset stage) execute it once. A Python exception is retried `retries` times (the
-    Trainer resumes from the stage's last checkpoint), each error kept in status.json."""
+    Trainer resumes from the stage's last checkpoint), each error kept in status.json.
+    Ranks other than 0 only compute (see `_follow`)."""
+    if rank != 0:
+        return _follow(item, Path(root))
     stage, root = item.stage, Path(root)
     sdir = stage.dir(root)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -65,18 +77,13 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
         result = read_stage_result(sdir)
         if status["state"] == State.COMPLETED and result is not None:
             return result
-        inputs = {}
-        for key in stage.upstream:
-            kind, sid = key.split("/")
-            udir = root / "stages" / kind / sid
-            up = read_stage_result(udir)
-            if up is None or ledger.read_status(udir)["state"] != State.COMPLETED:
-                # blocked, not failed: back to PENDING so that --retry-failed of the upstream
-                # also runs it (Slurm starts it `afterany`, even when the upstream failed)
-                msg = f"upstream {key} is {ledger.read_status(udir)['state'].value}, not COMPLETED"
-                ledger.update_status(sdir, state=State.PENDING.value, note=f"blocked: {msg}")
-                raise StageFailed(msg)
-            inputs[kind] = Upstream(udir, up)
+        try:
+            inputs = _inputs(stage, root)
+        except StageFailed as blocked:
+            # blocked, not failed: back to PENDING so that --retry-failed of the upstream
+            # also runs it (Slurm starts it `afterany`, even when the upstream failed)
+            ledger.update_status(sdir, state=State.PENDING.value, note=f"blocked: {blocked}")
+            raise
         dump_yaml(stage.config, sdir / schema.STAGE_CONFIG)
         kind = get_kind(stage.kind)
         for attempt_in_job in range(retries + 1):
@@ -123,6 +130,30 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
     return result
 
 
+def _inputs(stage: Stage, root: Path) -> dict[str, Upstream]:
+    inputs = {}
+    for key in stage.upstream:
+        kind, sid = key.split("/")
+        udir = root / "stages" / kind / sid
+        up = read_stage_result(udir)
+        state = ledger.read_status(udir)["state"]
+        if up is None or state != State.COMPLETED:
+            raise StageFailed(f"upstream {key} is {state.value}, not COMPLETED")
+        inputs[kind] = Upstream(udir, up)
+    return inputs
+
+
+def _follow(item: StageRun, root: Path) -> StageResult:
+    """A rank other than 0: the same stage function on the same inputs, writing no ledger and
+    no MLflow (rank 0 does). No lock: rank 0 holds it while it waits for this rank in the
+    process group. No retries: one rank's error breaks the group, so the job fails."""
+    stage, sdir = item.stage, item.stage.dir(root)
+    result = read_stage_result(sdir)
+    if ledger.read_status(sdir)["state"] == State.COMPLETED and result is not None:
+        return result
+    return get_kind(stage.kind).run(StageContext(stage.config, sdir, _inputs(stage, root), []))
+
+
 def _is_prune(err: BaseException) -> bool:
     return type(err).__name__ == "TrialPruned"  # optuna stays an optional import for the worker
 
@@ -148,11 +179,43 @@ class StageJob(submitit.helpers.Checkpointable):
                  retries: int) -> dict:
         _limit_threads(item.stage.resources.cpus)
         load_providers([item.stage.kind], plugins)
-        return run_stage(item, Path(root), tracker, retries, job_id=job_id())
+        rank = join_ranks()
+        try:
+            return run_stage(item, Path(root), tracker, retries if rank is None else 0, job_id=job_id(),
+                             rank=rank or 0)
+        finally:
+            if rank is not None:
+                leave_ranks()
 
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         ledger.update_status(item.stage.dir(Path(root)), state=State.PREEMPTED.value, preempted=time.time())
         return super().checkpoint(item, root, *args, **kwargs)
+
+
+def join_ranks() -> Optional[int]:
+    """In a job of several tasks: export the torch.distributed variables of this task (the
+    Trainer initialises the group from them) and return its rank; None in a one-task job."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        return None
+    if env.num_tasks <= 1:
+        return None
+    # every task computes the same port; a requeued job gets a new one, so the rerun never
+    # waits for the previous attempt's socket to be released
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    digits = int("".join(c for c in env.job_id if c.isdigit()) or "0")
+    os.environ.setdefault("MASTER_PORT", str(20000 + (digits * 7919 + restarts * 104729) % 40000))
+    # each task keeps every GPU of its node visible and picks cuda:LOCAL_RANK itself
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                     overwrite=True)
+    return dist_env.rank
+
+
+def leave_ranks() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def job_id() -> str:

@@ -3,6 +3,7 @@ import time
 
 import pytest
 import submitit
+import torch
 import yaml
 
 from study import ledger
@@ -76,3 +77,41 @@ def test_requeued_job_resumes_from_checkpoint_with_the_same_result(tmp_path, slu
     status = ledger.read_status(sdir)
     assert status["state"] == State.COMPLETED and status["attempt"] == 2 and "preempted" in status
     assert ledger.read_result(sdir) == reference
+
+
+def test_two_rank_tokenizer_requeued_mid_run_ends_as_the_uninterrupted_run(tmp_path, slurm_cluster):
+    """2 tasks (gloo) of the study's tokenizer stage: preempted after its first checkpoint, both
+    ranks resume from it, and the final weights equal an uninterrupted 2-rank run (the local
+    backend's); the ledger and MLflow hold one run, its result written once."""
+    from tests.test_multirank import WEIGHT_ATOL, final_weights, loss_curves, tokenizer_spec, tokenizer_stage_dir
+
+    steps, res = 24, {"cpus": 1, "mem_gb": 2, "timeout_min": 20, "tasks_per_node": 2,
+                      "partition": slurm_cluster.partition}
+    ref = tokenizer_spec(tmp_path / "ref", {"backend": "local", "poll_s": 0.2}, {**res, "partition": None}, steps)
+    assert main([ref, "--quiet"]) == 0
+    path = tokenizer_spec(tmp_path / "slurm", {"backend": "slurm", "poll_s": 1,
+                                               "submitit": {"slurm_signal_delay_s": 10}}, res, steps)
+    assert main([path, "--detach", "--quiet"]) == 0
+    plan, sdir = load_plan(path), tokenizer_stage_dir(path)
+    deadline = time.time() + 600
+    while not (sdir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    status = ledger.read_status(sdir)
+    assert status["state"] == State.RUNNING, "the stage ended before it could be preempted"
+    submitit.SlurmJob(folder=plan.root / "submitit" / "%j", job_id=status["job_id"])._interrupt()
+    assert main(["wait", path]) == 0
+    status = ledger.read_status(sdir)
+    assert status["state"] == State.COMPLETED and status["attempt"] == 2 and "preempted" in status
+    assert not status.get("errors")
+
+    want, got = final_weights(tokenizer_stage_dir(ref)), final_weights(sdir)
+    # all of them, the quantizer's usage buffer too: rank 0 saves and restores its own
+    assert all(torch.allclose(got[k].float(), v.float(), atol=WEIGHT_ATOL) for k, v in want.items())
+    # one cell run; a step replayed after the requeue logs the value it logged before
+    curves = loss_curves(path)
+    for key, points in curves.items():
+        by_step: dict[int, set] = {}
+        for step, value in points:
+            by_step.setdefault(step, set()).add(round(value, 6))
+        assert sorted(by_step) == list(range(1, steps + 1)) and all(len(v) == 1 for v in by_step.values()), key
+
