@@ -10,6 +10,7 @@ on its own in the MLflow UI.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -70,14 +71,26 @@ def default_uri(root: Path) -> str:
 
 
 def init_store(uri: str, experiment: str, artifact_root: Path) -> str:
-    """Create/migrate the store and the experiment (controller only); return the experiment id."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
-    return client.create_experiment(experiment, artifact_location=location)
+    """Create/migrate the store and the experiment (controller only); return the experiment id.
+
+    Several controllers may share one sqlite store: the first to arrive creates the schema and
+    the others wait on a lock file next to it, because two concurrent migrations of a fresh
+    file fail. A server store (http) serialises this itself."""
+    with _store_lock(uri):
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
+        return client.create_experiment(experiment, artifact_location=location)
+
+
+def _store_lock(uri: str):
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    return ledger.file_lock(db.with_name(db.name + ".lock"))
 
 
 def provenance() -> dict[str, str]:

@@ -86,3 +86,47 @@ def test_sweep_logs_parent_children_curves_params_tags(tmp_path, template_db):
         assert arts == ["stages/toy_train/config.yaml"]
     # the shared data stage ran once but reported into both cell runs
     assert cells[0].data.tags["stage.toy_data"] == cells[1].data.tags["stage.toy_data"]
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from study.sweep import main
+who, other, rounds, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+for i in range(rounds):
+    (base / f"ready-{i}-{who}").touch()
+    deadline = time.time() + 60
+    while not (base / f"ready-{i}-{other}").exists():  # both controllers start together
+        if time.time() > deadline:
+            sys.exit(f"round {i}: the other controller never started the round (it failed before)")
+        time.sleep(0.005)
+    code = main([str(base / f"round{i}" / f"{who}.yaml"), "--quiet"])
+    print(f"round {i}: exit {code}", flush=True)
+    if code != 0:
+        sys.exit(code)
+"""
+
+
+def test_two_sweeps_create_one_fresh_shared_store_at_once(tmp_path):
+    """Two controllers starting on one fresh sqlite store (MLflow's schema migration runs
+    once): both finish, ten times over, each round on a new store."""
+    rounds = 10
+    for i in range(rounds):
+        store = tmp_path / f"round{i}"
+        store.mkdir()
+        for who in ("a", "b"):
+            spec = {"name": f"sweep-{who}", "stages": ["toy_data"], "plugins": TOY, "study_dir": str(store / who), "seed_keys": ["data.seed"],
+                    "tracking": {"uri": f"sqlite:///{store / 'shared.db'}"}, "report": False,
+                    "launcher": {"backend": "debug", "poll_s": 0.05}}
+            (store / f"{who}.yaml").write_text(yaml.safe_dump(spec))
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, who, other, str(rounds), str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who, other in (("a", "b"), ("b", "a"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    for i in range(rounds):
+        client = MlflowClient(f"sqlite:///{tmp_path / f'round{i}' / 'shared.db'}")
+        for who in ("a", "b"):
+            exp = client.get_experiment_by_name(f"sweep-{who}")
+            assert exp is not None, f"round {i}: no experiment of sweep {who}"
+            assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep run and its cell run
