@@ -167,6 +167,16 @@ def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
         retry(tracker.client.set_terminated, run_id, status)
 
 
+def reopen_run(tracker: Tracker, run_id: str) -> None:
+    """A run ended by an earlier controller is RUNNING again while this one works on it."""
+    retry(tracker.client.update_run, run_id, status="RUNNING")
+
+
+def delete_run(tracker: Tracker, run_id: str) -> None:
+    """Hide a run whose results are being recomputed (MLflow keeps it, marked deleted)."""
+    retry(tracker.client.delete_run, run_id)
+
+
 def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: StageResult,
                      step: int = 0) -> None:
     """A finished stage's result into the cell runs that contain it: its metrics as

@@ -138,13 +138,17 @@ def _limit_threads(cpus: int) -> None:
 class StageJob(submitit.helpers.Checkpointable):
     """The submitit callable for one stage. On preemption or timeout submitit calls
     checkpoint(): the stage is marked PREEMPTED and the same job is requeued; the rerun
-    resumes from the Trainer's last checkpoint in the stage folder."""
+    resumes from the Trainer's last checkpoint in the stage folder. `callbacks`: extra training
+    callbacks (a search trial's pruning), pickled with the job."""
+
+    def __init__(self, callbacks: list[Callback] = ()):
+        self.callbacks = list(callbacks)
 
     def __call__(self, item: StageRun, root: str, plugins: list[str], tracker: Optional[Tracker],
                  retries: int) -> dict:
         _limit_threads(item.stage.resources.cpus)
         load_providers([item.stage.kind], plugins)
-        return run_stage(item, Path(root), tracker, retries, job_id=job_id())
+        return run_stage(item, Path(root), tracker, retries, self.callbacks, job_id=job_id())
 
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         ledger.update_status(item.stage.dir(Path(root)), state=State.PREEMPTED.value, preempted=time.time())
