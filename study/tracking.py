@@ -1,9 +1,9 @@
 """MLflow for sweeps: one parent run per sweep, one child run per cell (linked by the
 `mlflow.parentRunId` tag, so jobs in other processes can attach), stage curves with steps.
 
-The controller creates (and migrates) the store, the experiment, the parent and the cell runs
-BEFORE any worker starts: N workers racing to migrate a fresh sqlite file all fail.  Workers
-only append to existing runs.  A stage shared by several cells logs into each
+The controller creates (and migrates) the store, the experiment and the parent run before any
+worker starts, and each cell run before the first job of its cell: N workers racing to migrate
+a fresh sqlite file all fail.  Workers only append to existing runs.  A stage shared by several cells logs into each
 of their runs, prefixed with its kind (`toy_train/loss/model`), so every cell run is complete
 on its own in the MLflow UI.
 """
