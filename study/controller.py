@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from study import ledger, schema, tracking
 from study.backends import Backend, Submitted, make_backend
+from study.config import flatten, to_dict
+from study.fsio import atomic_write_text
 from study.ledger import ACTIVE, State
 from study.spec import get_path
 from study.stages import Cell, Plan, Stage, read_stage_result
 from study.tracking import Tracker
+from study.training import Callback
 from study.worker import StageJob, StageRun
 
 
@@ -56,7 +60,7 @@ def controller_running(plan: Plan) -> bool:
 def open_sweep_run(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
     """Store, experiment and the sweep's parent run, created here before any worker starts (grid
     sweeps and searches alike). The parent run recorded in the manifest is reused, so a re-run
-    appends to the same runs."""
+    appends to the same runs (and the run is RUNNING again until the sweep ends)."""
     spec = plan.spec
     if not spec.tracking.enabled:
         return None
@@ -64,10 +68,20 @@ def open_sweep_run(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
     exp_id = tracking.init_store(uri, spec.tracking.experiment or spec.name, plan.root / "mlartifacts")
     if manifest.get("tracking", {}).get("uri") == uri and manifest["tracking"].get("parent_run_id"):
         tracker = tracking.Tracker(uri, exp_id, manifest["tracking"]["parent_run_id"])
+        tracking.reopen_run(tracker, tracker.parent_run_id)
     else:
         tracker = tracking.start_sweep(uri, exp_id, spec.name, {"spec": str(Path(plan.source).resolve())})
     manifest["tracking"] = {"uri": uri, "experiment_id": exp_id, "parent_run_id": tracker.parent_run_id}
     return tracker
+
+
+def resolved_params(cell: Cell) -> dict:
+    """What the cell's stages actually read: every semantic field with its default filled in,
+    not only the keys the spec wrote."""
+    params: dict = {}
+    for st in cell.stages.values():
+        params.update(flatten(to_dict(st.config, semantic_only=True)))
+    return params
 
 
 def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
@@ -77,21 +91,113 @@ def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
             schema.CELL: cell.id, **_seed_tag(plan.spec, cell),
             **{schema.stage_tag(k): s.id for k, s in cell.stages.items()},
             **{schema.AXIS_PREFIX + k: str(v) for k, v in cell.values.items()}, **(extra_tags or {})}
-    run_id = tracking.start_run(tracker, name, tags, params=cell.config)
+    run_id = tracking.start_run(tracker, name, tags, params=resolved_params(cell))
     _log_cached(plan, tracker, cell, run_id)
     return run_id
 
 
-def open_tracking(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
-    """The sweep run and one run per cell; cell runs recorded in the manifest are reused."""
+class CellRuns:
+    """The cells' MLflow runs, each created when the first stage of its cell is submitted, so
+    that a large sweep does not open every run before its first stage starts. `known`: runs
+    created earlier (by a previous controller); `remember(cell_id, run_id)` records a new one."""
+
+    def __init__(self, plan: Plan, tracker: Tracker, known: dict[str, str],
+                 remember: Callable[[str, str], None], name: Optional[Callable[[Cell], str]] = None,
+                 extra_tags: Optional[dict[str, str]] = None):
+        self.plan, self.tracker, self.known, self.remember = plan, tracker, dict(known), remember
+        self.name, self.extra_tags = name or cell_name, extra_tags
+        self.cells_of: dict[str, list[Cell]] = {}
+        for cell in plan.cells:
+            for st in cell.stages.values():
+                self.cells_of.setdefault(st.key, []).append(cell)
+
+    def run_id(self, cell: Cell) -> str:
+        if cell.id not in self.known:
+            self.known[cell.id] = open_cell_run(self.plan, self.tracker, cell, self.name(cell), self.extra_tags)
+            self.remember(cell.id, self.known[cell.id])
+        return self.known[cell.id]
+
+    def stage_run(self, key: str) -> StageRun:
+        cells = self.cells_of.get(key, [])
+        last = [c for c in cells if list(c.stages.values())[-1].key == key]
+        return StageRun(self.plan.stages[key], [self.run_id(c) for c in cells], [self.run_id(c) for c in last])
+
+    def close(self) -> None:
+        """At the end: a cell that failed gets its error tag and traceback; a cell served whole
+        from the cache (no stage was submitted) gets its run now."""
+        for cell in self.plan.cells:
+            failed = first_failure(self.plan.root, cell)
+            if failed is not None:
+                record_failure(self.tracker, self.run_id(cell), *failed)
+            elif cell.id not in self.known and all(
+                    ledger.read_status(st.dir(self.plan.root))["state"] == State.COMPLETED
+                    for st in cell.stages.values()):
+                self.run_id(cell)
+
+
+def first_failure(root: Path, cell: Cell) -> Optional[tuple[str, str, Path]]:
+    """(reason, traceback, stage folder) of the cell's first FAILED stage; None if none failed."""
+    for kind, st in cell.stages.items():
+        status = ledger.read_status(st.dir(root))
+        if status["state"] == State.FAILED:
+            error = (status.get("errors") or [{}])[-1]
+            return f"{kind}: {error.get('error', 'failed')}", error.get("traceback", ""), st.dir(root)
+    return None
+
+
+def record_failure(tracker: Tracker, run_id: str, reason: str, trace: str, folder: Path) -> None:
+    """The error tag and the traceback artifact of a failed run, which ends FAILED."""
+    path = Path(folder) / schema.TRACEBACK_FILE
+    atomic_write_text(path, reason + "\n\n" + trace)
+    tracking.set_tags(tracker, [run_id], {schema.ERROR: reason})
+    tracking.log_artifact(tracker, [run_id], path, schema.ERRORS_DIR)
+    tracking.end_runs(tracker, [run_id], "FAILED")
+
+
+def open_tracking(plan: Plan, manifest: dict, fresh: bool = False) -> tuple[Optional[Tracker], Optional[CellRuns]]:
+    """The sweep run, and the cell runs (created lazily). `fresh` (--force): the cells' old runs
+    are deleted, so that recomputed stages do not log a second point at every step."""
     tracker = open_sweep_run(plan, manifest)
     if tracker is None:
-        return None
-    old = {c["id"]: c.get("run_id") for c in manifest.get("cells", [])}
-    for cell in plan.cells:
-        run_id = old.get(cell.id) or open_cell_run(plan, tracker, cell, cell_name(cell))
-        manifest.setdefault("run_ids", {})[cell.id] = run_id
-    return tracker
+        return None, None
+    book = ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".runs.jsonl")
+    known = {**manifest.get("run_ids", {}), **_read_runs(book)}
+    if fresh:
+        for run_id in known.values():
+            tracking.delete_run(tracker, run_id)
+        _append_runs(book, {cell_id: None for cell_id in known})
+        known = {}
+    manifest["run_ids"] = known
+
+    def remember(cell_id: str, run_id: str) -> None:
+        manifest["run_ids"][cell_id] = run_id
+        _append_runs(book, {cell_id: run_id})
+
+    return tracker, CellRuns(plan, tracker, known, remember)
+
+
+def _read_runs(book: Path) -> dict[str, str]:
+    """cell id -> run id from the append-only run book (one controller writes it; the last line wins)."""
+    known: dict[str, Optional[str]] = {}
+    if book.exists():
+        for line in book.read_text().splitlines():
+            try:
+                known.update(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a killed controller
+                continue
+    return {k: v for k, v in known.items() if v}
+
+
+def _append_runs(book: Path, entries: dict[str, Optional[str]]) -> None:
+    book.parent.mkdir(parents=True, exist_ok=True)
+    with open(book, "a") as fh:
+        fh.write(json.dumps(entries) + "\n")
+
+
+def end_sweep_run(tracker: Optional[Tracker], state: str) -> None:
+    """The parent run ends with the sweep's state: FINISHED, FAILED (a cell failed) or KILLED."""
+    if tracker is not None:
+        tracking.end_runs(tracker, [tracker.parent_run_id], state)
 
 
 def _seed_tag(spec, cell: Cell) -> dict[str, str]:
@@ -121,19 +227,6 @@ def cell_name(cell: Cell) -> str:
     """`name=inhouse:dino,kind=vfmtok,seed=0`: the last part of each axis key (a seed written to
     several keys once)."""
     return ",".join(dict.fromkeys(f"{k.split('.')[-1]}={v}" for k, v in cell.values.items())) or cell.id
-
-
-def stage_runs(plan: Plan, run_ids: dict[str, str]) -> dict[str, StageRun]:
-    runs = {key: StageRun(st) for key, st in plan.stages.items()}
-    for cell in plan.cells:
-        rid = run_ids.get(cell.id)
-        if not rid:
-            continue
-        keys = [s.key for s in cell.stages.values()]
-        for key in keys:
-            runs[key].run_ids.append(rid)
-        runs[keys[-1]].finishes.append(rid)
-    return runs
 
 
 # --------------------------------------------------------------------------- scheduling
@@ -179,9 +272,11 @@ class Scheduler:
     stage whose job is gone (controller killed, node lost) is resubmitted and resumes from its
     checkpoints."""
 
-    def __init__(self, stages: dict[str, Stage], runs: dict[str, StageRun], backend: Backend,
-                 plugins: list[str], tracker: Optional[Tracker], retries: int):
+    def __init__(self, stages: dict[str, Stage], runs: Optional[CellRuns], backend: Backend,
+                 plugins: list[str], tracker: Optional[Tracker], retries: int,
+                 callbacks: Optional[dict[str, list[Callback]]] = None):
         self.stages, self.runs, self.backend = stages, runs, backend
+        self.callbacks = callbacks or {}  # stage kind -> extra training callbacks (a search's pruning)
         self.plugins, self.tracker, self.retries = plugins, tracker, retries
         self.root = backend.root
         self.progress = Progress()
@@ -223,11 +318,12 @@ class Scheduler:
             return True
 
     def _args(self, key: str) -> tuple:
-        return (self.runs[key], str(self.root), self.plugins, self.tracker, self.retries)
+        run = self.runs.stage_run(key) if self.runs else StageRun(self.stages[key])
+        return (run, str(self.root), self.plugins, self.tracker, self.retries)
 
     def _submit(self, keys: list[str], after: list[str] = ()) -> list[Submitted]:
         res = self.stages[keys[0]].resources
-        jobs = self.backend.submit(StageJob(), [self._args(k) for k in keys], res,
+        jobs = self.backend.submit(StageJob(self.callbacks.get(self.stages[keys[0]].kind, [])), [self._args(k) for k in keys], res,
                                    name=self.stages[keys[0]].kind, after=after)
         for key, job in zip(keys, jobs):
             if self.backend.name != "debug":

@@ -130,3 +130,6 @@ MLFLOW_SCREENSHOT = "assets/mlflow_compare.png"  # in the report folder; a `.ski
 
 def stage_config_artifact_dir(kind: str) -> str:
     return f"stages/{kind}"
+ERROR = "error"  # tag of a failed cell run (or trial): "<stage kind>: <exception>"
+ERRORS_DIR = "errors"  # MLflow artifact folder of a failed run's traceback
+TRACEBACK_FILE = "traceback.txt"

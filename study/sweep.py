@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from study import ledger, schema, tracking
+from study import ledger, schema
 from study.backends import check_resources, make_backend, scale_summary
 from study.config import ConfigError, dump_yaml
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
-                              open_tracking, stage_runs)
+                              end_sweep_run, open_tracking)
 from study.ledger import ACTIVE, State
 from study.spec import load_spec, search_probes
 from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
@@ -193,11 +193,11 @@ class Follower:
 # --------------------------------------------------------------------------- commands
 def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, detach=False, quiet=False) -> int:
     spec = plan.spec
+    if detach and (spec.launcher.backend == "local" or spec.search):  # both need a live controller
+        return _detach_local(plan, overrides, force, retry_failed)
     if spec.search:
         from study import search
-        return search.run(plan, overrides, detach=detach, quiet=quiet)
-    if detach and spec.launcher.backend == "local":
-        return _detach_local(plan, overrides, force, retry_failed)
+        return search.run(plan, overrides, quiet=quiet)
     missing = missing_inputs(plan)
     if missing:
         print("error: missing input files, nothing was started:\n" + "\n".join(f"  - {m}" for m in missing),
@@ -205,11 +205,10 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         return 2
     lock = controller_lock(plan)
     manifest = ledger.read_manifest(plan.root, spec.name)
-    tracker = open_tracking(plan, manifest)
+    tracker, runs = open_tracking(plan, manifest, fresh=force)
     write_manifest(plan, manifest, overrides)
     backend = make_backend(spec.launcher, plan.root)
-    sched = Scheduler(plan.stages, stage_runs(plan, manifest.get("run_ids", {})), backend, spec.plugins,
-                      tracker, spec.launcher.retries)
+    sched = Scheduler(plan.stages, runs, backend, spec.plugins, tracker, spec.launcher.retries)
     todo = sched.prepare(force, retry_failed)
     blocked = _blocked(plan, todo)
     if not quiet:
@@ -221,9 +220,14 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         print(f"detached. follow with: python -m study.sweep wait {plan.source}")
         lock.close()
         return 0
-    code = follow(plan, sched, quiet)
-    if tracker:
-        _close_failed_runs(plan, tracker, manifest)
+    try:
+        code = follow(plan, sched, quiet)
+    except KeyboardInterrupt:
+        end_sweep_run(tracker, "KILLED")
+        raise
+    if runs:
+        runs.close()
+    end_sweep_run(tracker, "FINISHED" if code == 0 else "FAILED")
     lock.close()
     if spec.report and tracker:
         write_report(plan)
@@ -292,13 +296,6 @@ def summary(plan: Plan, quiet: bool = False) -> int:
     return 0 if not failed else 1
 
 
-def _close_failed_runs(plan: Plan, tracker: tracking.Tracker, manifest: dict) -> None:
-    for cell in plan.cells:
-        rid = manifest.get("run_ids", {}).get(cell.id)
-        if rid and cell_state(plan, cell) == State.FAILED:
-            tracking.end_runs(tracker, [rid], "FAILED")
-
-
 def _detach_local(plan: Plan, overrides: list[str], force: bool, retry_failed: bool) -> int:
     """The local pool needs a live controller: start one in the background, in its own session."""
     log = plan.root / "sweeps" / f"{plan.spec.name}.controller.log"
@@ -363,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(plan))
         return 0 if all(cell_state(plan, c) == State.COMPLETED for c in plan.cells) else 1
     if command == "wait":
-        sched = Scheduler(plan.stages, {}, make_backend(plan.spec.launcher, plan.root), plan.spec.plugins, None, 0)
+        sched = Scheduler(plan.stages, None, make_backend(plan.spec.launcher, plan.root), plan.spec.plugins, None, 0)
         return follow(plan, sched, controller_elsewhere=True)
     df = collect(plan)
     if args.out:

@@ -1,15 +1,16 @@
 """MLflow for sweeps: one parent run per sweep, one child run per cell (linked by the
 `mlflow.parentRunId` tag, so jobs in other processes can attach), stage curves with steps.
 
-The controller creates (and migrates) the store, the experiment, the parent and the cell runs
-BEFORE any worker starts: N workers racing to migrate a fresh sqlite file all fail.  Workers
-only append to existing runs.  A stage shared by several cells logs into each
+The controller creates (and migrates) the store, the experiment and the parent run before any
+worker starts, and each cell run before the first job of its cell: N workers racing to migrate
+a fresh sqlite file all fail.  Workers only append to existing runs.  A stage shared by several cells logs into each
 of their runs, prefixed with its kind (`toy_train/loss/model`), so every cell run is complete
 on its own in the MLflow UI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -70,14 +71,26 @@ def default_uri(root: Path) -> str:
 
 
 def init_store(uri: str, experiment: str, artifact_root: Path) -> str:
-    """Create/migrate the store and the experiment (controller only); return the experiment id."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
-    return client.create_experiment(experiment, artifact_location=location)
+    """Create/migrate the store and the experiment (controller only); return the experiment id.
+
+    Several controllers may share one sqlite store: the first to arrive creates the schema and
+    the others wait on a lock file next to it, because two concurrent migrations of a fresh
+    file fail. A server store (http) serialises this itself."""
+    with _store_lock(uri):
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
+        return client.create_experiment(experiment, artifact_location=location)
+
+
+def _store_lock(uri: str):
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    return ledger.file_lock(db.with_name(db.name + ".lock"))
 
 
 def provenance() -> dict[str, str]:
@@ -152,6 +165,16 @@ def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
     """status: FINISHED | FAILED | KILLED."""
     for run_id in run_ids:
         retry(tracker.client.set_terminated, run_id, status)
+
+
+def reopen_run(tracker: Tracker, run_id: str) -> None:
+    """A run ended by an earlier controller is RUNNING again while this one works on it."""
+    retry(tracker.client.update_run, run_id, status="RUNNING")
+
+
+def delete_run(tracker: Tracker, run_id: str) -> None:
+    """Hide a run whose results are being recomputed (MLflow keeps it, marked deleted)."""
+    retry(tracker.client.delete_run, run_id)
 
 
 def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: StageResult,

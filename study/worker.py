@@ -173,7 +173,11 @@ def _limit_threads(cpus: int) -> None:
 class StageJob(submitit.helpers.Checkpointable):
     """The submitit callable for one stage. On preemption or timeout submitit calls
     checkpoint(): the stage is marked PREEMPTED and the same job is requeued; the rerun
-    resumes from the Trainer's last checkpoint in the stage folder."""
+    resumes from the Trainer's last checkpoint in the stage folder. `callbacks`: extra training
+    callbacks (a search trial's pruning), pickled with the job."""
+
+    def __init__(self, callbacks: list[Callback] = ()):
+        self.callbacks = list(callbacks)
 
     def __call__(self, item: StageRun, root: str, plugins: list[str], tracker: Optional[Tracker],
                  retries: int) -> dict:
@@ -181,8 +185,8 @@ class StageJob(submitit.helpers.Checkpointable):
         load_providers([item.stage.kind], plugins)
         rank = join_ranks()
         try:
-            return run_stage(item, Path(root), tracker, retries if rank is None else 0, job_id=job_id(),
-                             rank=rank or 0)
+            return run_stage(item, Path(root), tracker, retries if rank is None else 0, self.callbacks,
+                             job_id=job_id(), rank=rank or 0)
         finally:
             if rank is not None:
                 leave_ranks()

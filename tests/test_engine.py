@@ -12,7 +12,6 @@ import yaml
 from study import ledger
 from study.backends import make_backend
 from study.controller import Scheduler
-from study.worker import StageRun
 from study.ledger import State
 from study.stages import read_stage_result
 from study.sweep import load_plan, main
@@ -139,7 +138,7 @@ def test_preempted_job_resumes_from_checkpoint_with_the_same_result(tmp_path):
     path = write(tmp_path, base=slow, stages=["toy_data", "toy_train"], launcher={"backend": "local", "poll_s": 0.3})
     plan = load_plan(path)
     backend = make_backend(plan.spec.launcher, plan.root)
-    sched = Scheduler(plan.stages, {k: StageRun(s) for k, s in plan.stages.items()}, backend, TOY, None, 0)
+    sched = Scheduler(plan.stages, None, backend, TOY, None, 0)
     sched.start(sched.prepare(False, False))
     ckpt = plan.stages[train_key].dir(plan.root) / "checkpoints" / "last.pt"
     deadline = time.time() + 240

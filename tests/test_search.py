@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-from study import ledger
+from study import ledger, schema, tracking
 from study.ledger import State
 from study.search import open_study
 from study.sweep import load_plan, main
@@ -91,3 +93,84 @@ def test_preempted_trial_job_continues_its_trial(tmp_path):
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
     status = ledger.read_status(stage_dir)
     assert status["state"] == State.COMPLETED and status["attempt"] == 2  # before and after the requeue
+
+
+def trial_state(study, number):
+    return next(t for t in study.get_trials() if t.number == number)
+
+
+@pytest.mark.timeout(300)
+def test_a_crashed_stage_fails_its_trial_through_the_grid_machinery(tmp_path):
+    """A trial's cell runs through the Scheduler, ledger and MLflow cell runs like a grid cell;
+    a crashed stage is FAIL with its reason on the trial, in the study folder and in MLflow,
+    and `wait` returns."""
+    path = write(tmp_path, {"n_trials": 2, "metric": "toy_train/val_mse", "sampler": "grid",
+                            "space": {"toy.fail_at": {"type": "categorical", "choices": [-1, 5]}}},
+                 {"backend": "debug", "poll_s": 0.1})
+    spec = yaml.safe_load(Path(path).read_text())
+    spec.update(tracking={"enabled": True}, report=False)
+    Path(path).write_text(yaml.safe_dump(spec))
+    assert main([path]) == 1  # one of two trials failed
+    study = open_study(load_plan(path).spec)
+    by_fail = {t.params["toy.fail_at"]: t for t in study.get_trials()}
+    assert by_fail[-1].state == optuna.trial.TrialState.COMPLETE
+    failed = by_fail[5]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "toy failure requested at step 5" in failed.user_attrs["fail_reason"]
+    record = ledger.read_json(Path(tmp_path) / "study" / "trials" / str(failed.number) / "trial.json")
+    assert record["state"] == "FAIL" and "toy failure requested" in record["reason"]
+    client = MlflowClient(tracking.default_uri(Path(tmp_path) / "study"))
+    runs = client.search_runs([client.get_experiment_by_name("hpo").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_SWEEP)
+    cells = {r.data.tags[schema.TRIAL_NUMBER]: r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_CELL}
+    assert parent.info.status == "FAILED" and len(cells) == 2
+    run = cells[str(failed.number)]
+    assert run.data.tags[schema.PARENT_RUN] == parent.info.run_id
+    assert run.data.tags[schema.CELL_ID] == failed.user_attrs[schema.CELL_ID]
+    assert run.info.status == "FAILED" and "toy failure requested" in run.data.tags[schema.ERROR]
+    assert run.data.params["toy.train.batch_size"] == "32"  # the resolved config, as for a grid cell
+    assert cells[str(by_fail[-1].number)].info.status == "FINISHED"
+    # the stage ran under the engine's ledger, as a grid cell's does
+    stage_dirs = list((Path(tmp_path) / "study" / "stages" / "toy_train").iterdir())
+    assert sorted(ledger.read_status(d)["state"].value for d in stage_dirs) == ["COMPLETED", "FAILED"]
+    assert main(["wait", path]) == 1  # returns at once: no trial is left RUNNING
+
+
+@pytest.mark.timeout(300)
+def test_a_metric_the_stage_never_returns_fails_the_trial(tmp_path):
+    path = write(tmp_path, {"n_trials": 1, "metric": "toy_train/no_such_metric", "sampler": "random", "seed": 0,
+                            "space": {"toy.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}},
+                 {"backend": "debug", "poll_s": 0.1})
+    assert main([path]) == 1
+    (trial,) = open_study(load_plan(path).spec).get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "returned no metric 'no_such_metric'" in trial.user_attrs["fail_reason"]
+    assert "val_mse" in trial.user_attrs["fail_reason"]  # what it did return
+    assert main(["wait", path]) == 1
+
+
+@pytest.mark.timeout(300)
+def test_an_error_while_drawing_parameters_fails_the_trial(tmp_path, monkeypatch):
+    from study import search
+
+    def broken(trial, key, p):
+        raise ValueError("no distribution fits")
+
+    monkeypatch.setattr(search, "_suggest", broken)
+    path = write(tmp_path, {"n_trials": 2, "metric": "toy_train/val_mse", "sampler": "random", "seed": 0,
+                            "space": {"toy.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}},
+                 {"backend": "debug", "poll_s": 0.1})
+    assert main([path]) == 1
+    trials = open_study(load_plan(path).spec).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("ValueError: no distribution fits" in t.user_attrs["fail_reason"] for t in trials)
+    assert main(["wait", path]) == 1
+
+
+def test_a_log_scale_from_zero_is_rejected_before_anything_runs(tmp_path, capsys):
+    path = write(tmp_path, {"n_trials": 1, "metric": "toy_train/val_mse",
+                            "space": {"toy.lr": {"type": "float", "low": 0, "high": 1e-2, "log": True}}},
+                 {"backend": "debug"})
+    assert main([path]) == 2
+    assert "log scale needs low > 0" in capsys.readouterr().err
+    assert not (Path(tmp_path) / "study").exists()

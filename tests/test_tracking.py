@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from study import tracking
+from study import schema, tracking
 from study.sweep import main
 from tests.toy_stages import PLUGINS as TOY
 
@@ -86,3 +86,122 @@ def test_sweep_logs_parent_children_curves_params_tags(tmp_path, template_db):
         assert arts == ["stages/toy_train/config.yaml"]
     # the shared data stage ran once but reported into both cell runs
     assert cells[0].data.tags["stage.toy_data"] == cells[1].data.tags["stage.toy_data"]
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from study.sweep import main
+who, other, rounds, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+for i in range(rounds):
+    (base / f"ready-{i}-{who}").touch()
+    deadline = time.time() + 60
+    while not (base / f"ready-{i}-{other}").exists():  # both controllers start together
+        if time.time() > deadline:
+            sys.exit(f"round {i}: the other controller never started the round (it failed before)")
+        time.sleep(0.005)
+    code = main([str(base / f"round{i}" / f"{who}.yaml"), "--quiet"])
+    print(f"round {i}: exit {code}", flush=True)
+    if code != 0:
+        sys.exit(code)
+"""
+
+
+def test_two_sweeps_create_one_fresh_shared_store_at_once(tmp_path):
+    """Two controllers starting on one fresh sqlite store (MLflow's schema migration runs
+    once): both finish, ten times over, each round on a new store."""
+    rounds = 10
+    for i in range(rounds):
+        store = tmp_path / f"round{i}"
+        store.mkdir()
+        for who in ("a", "b"):
+            spec = {"name": f"sweep-{who}", "stages": ["toy_data"], "plugins": TOY, "study_dir": str(store / who), "seed_keys": ["data.seed"],
+                    "tracking": {"uri": f"sqlite:///{store / 'shared.db'}"}, "report": False,
+                    "launcher": {"backend": "debug", "poll_s": 0.05}}
+            (store / f"{who}.yaml").write_text(yaml.safe_dump(spec))
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, who, other, str(rounds), str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who, other in (("a", "b"), ("b", "a"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    for i in range(rounds):
+        client = MlflowClient(f"sqlite:///{tmp_path / f'round{i}' / 'shared.db'}")
+        for who in ("a", "b"):
+            exp = client.get_experiment_by_name(f"sweep-{who}")
+            assert exp is not None, f"round {i}: no experiment of sweep {who}"
+            assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep run and its cell run
+
+
+TRAIN = {"steps": 10, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0, "precision": "fp32", "progress": False,
+         "device": "cpu"}
+
+
+def tracked_spec(tmp_path, template_db, **spec) -> Path:
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(template_db, study / "mlflow.db")
+    spec = {"name": "truth", "stages": ["toy_data", "toy_train"], "plugins": TOY, "study_dir": str(study),
+            "launcher": {"backend": "debug", "poll_s": 0.1}, "report": False, "base": {"toy": {"train": TRAIN}},
+            **spec}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cell_runs(study: Path, name: str):
+    client = MlflowClient(tracking.default_uri(study))
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_SWEEP)
+    return client, parent, [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_CELL]
+
+
+def test_mlflow_failed_cell_error_and_traceback_parent_state_resolved_params(tmp_path, template_db):
+    path = tracked_spec(tmp_path, template_db, axes={"lists": [{"toy.fail_at": 7}, {"toy.lr": 0.02}]})
+    assert main([str(path)]) == 1
+    client, parent, cells = cell_runs(tmp_path / "study", "truth")
+    assert parent.info.status == "FAILED"  # the sweep's state, not RUNNING for ever
+    failed = next(r for r in cells if r.data.params["toy.fail_at"] == "7")
+    good = next(r for r in cells if r.data.params["toy.fail_at"] == "-1")
+    assert failed.info.status == "FAILED" and good.info.status == "FINISHED"
+    assert failed.data.tags[schema.ERROR].startswith("toy_train: RuntimeError: toy failure requested at step 7")
+    assert [a.path for a in client.list_artifacts(failed.info.run_id, schema.ERRORS_DIR)] == \
+        [f"{schema.ERRORS_DIR}/{schema.TRACEBACK_FILE}"]
+    local = client.download_artifacts(failed.info.run_id, f"{schema.ERRORS_DIR}/{schema.TRACEBACK_FILE}", str(tmp_path))
+    assert "Traceback (most recent call last)" in Path(local).read_text()
+    # the resolved config: defaults the spec never wrote are there, non-semantic fields are not
+    assert good.data.params["toy.train.batch_size"] == "32" and good.data.params["data.n"] == "256"
+    assert good.data.params["toy.lr"] == "0.02" and "toy.step_sleep_s" not in good.data.params
+
+
+def test_force_does_not_duplicate_metric_points(tmp_path, template_db):
+    path = tracked_spec(tmp_path, template_db, axes={"grid": {"toy.lr": [0.01, 0.03]}})
+    assert main([str(path)]) == 0
+    assert main([str(path), "--force"]) == 0
+    client, parent, cells = cell_runs(tmp_path / "study", "truth")
+    assert parent.info.status == "FINISHED" and len(cells) == 2
+    for run in cells:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "toy_train/loss/model")]
+        assert steps == [5, 10]
+        evals = [m.step for m in client.get_metric_history(run.info.run_id, "toy_train/val_mse")]
+        assert sorted(evals) == [5, 10]  # the eval curve, its last point shared with the final value
+
+
+def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, template_db, monkeypatch):
+    from study import controller, worker
+    events = []
+    open_run, run_stage = controller.open_cell_run, worker.run_stage
+
+    def spy_open(plan, tracker, cell, *args, **kwargs):
+        events.append("open")
+        return open_run(plan, tracker, cell, *args, **kwargs)
+
+    def spy_stage(item, *args, **kwargs):
+        events.append("stage")
+        return run_stage(item, *args, **kwargs)
+
+    monkeypatch.setattr(controller, "open_cell_run", spy_open)
+    monkeypatch.setattr(worker, "run_stage", spy_stage)
+    path = tracked_spec(tmp_path, template_db, axes={"grid": {"data.seed": [0, 1, 2]}})  # 3 unshared chains
+    assert main([str(path)]) == 0
+    assert events.count("open") == 3 and events.count("stage") == 6
+    assert events.index("stage") < len(events) - 1 - events[::-1].index("open")  # a stage ran before the last open
