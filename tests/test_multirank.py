@@ -30,14 +30,15 @@ RANK_LOCAL = {"quantizer.recent", "quantizer.cursor"}
 
 
 def tokenizer_spec(root: Path, launcher: dict, tokenizer_res: dict | None = None, steps: int = STEPS) -> str:
-    """The micro chain's vfm + tokenizer stages (one cell), tracked in the study's sqlite MLflow."""
+    """The micro chain's reference, vfm and tokenizer stages (one cell), tracked in the study's sqlite
+    MLflow (the vfm stage measures its alignment against the reference classifier)."""
     spec = copy.deepcopy(MICRO)
     for key in ("axes", "include"):
         spec.pop(key)
-    for section in ("reference", "generator", "eval"):  # sections of stages this sweep leaves out
+    for section in ("generator", "eval"):  # sections of stages this sweep leaves out
         spec["base"].pop(section)
     spec["base"]["tokenizer"]["train"].update(steps=steps, log_every=1, ckpt_every=2)
-    spec.update(stages=[S.VFM, S.TOKENIZER], seed_keys=["pretrain.train.seed", "tokenizer.train.seed"], study_dir=str(root / "study"), launcher=launcher,
+    spec.update(stages=[S.REFERENCE, S.VFM, S.TOKENIZER], seed_keys=["pretrain.train.seed", "tokenizer.train.seed"], study_dir=str(root / "study"), launcher=launcher,
                 resources={S.TOKENIZER: tokenizer_res or {}})
     root.mkdir(parents=True, exist_ok=True)
     path = root / "spec.yaml"
