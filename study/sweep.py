@@ -321,7 +321,13 @@ def collect(plan: Plan):
             result = read_stage_result(st.dir(plan.root)) or StageResult()
             row.update({schema.metric(kind, k): v for k, v in result.metrics.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # a column with gaps (an axis that only some cells set) would turn 64 into 64.0
+    for column in df.columns:
+        values = [r[column] for r in rows if r.get(column) is not None]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            df[column] = df[column].astype("Int64")
+    return df
 
 
 def main(argv: list[str] | None = None) -> int:
