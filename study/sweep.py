@@ -1,7 +1,7 @@
 """The sweep CLI.
 
     python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run] [--detach] [--force] [--retry-failed]
-    python -m study.sweep status  SWEEP.yaml [--set ...]     # one table from the ledger
+    python -m study.sweep status  SWEEP.yaml [--wide | --json]  # one table from the ledger (100 columns)
     python -m study.sweep wait    SWEEP.yaml [--set ...]     # reattach and follow until done
     python -m study.sweep collect SWEEP.yaml [--out results.csv]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import subprocess
 import sys
@@ -142,50 +143,140 @@ def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
     return "\n".join(lines)
 
 
-def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
-    now = time.time()
+WIDTH = 100  # `status` and the live view fit a terminal of this many columns
+MARKS = {"PENDING": ".", "SUBMITTED": "s", "RUNNING": "R", "PREEMPTED": "p", "COMPLETED": "C", "FAILED": "F",
+         "BLOCKED": "b"}
+
+
+def snapshot(plan: Plan, waiting: set[str] = frozenset()) -> dict[str, dict]:
+    """Every stage's status, read once, with `label`: its state, or BLOCKED for a waiting stage
+    behind a FAILED upstream."""
+    snap = {key: _status(plan, key) for key in plan.stages}
+    for key, s in snap.items():
+        blocked = s["state"] == State.PENDING and key in waiting and any(
+            snap[u]["state"] == State.FAILED for u in plan.stages[key].upstream)
+        s["label"] = "BLOCKED" if blocked else s["state"].value
+    return snap
+
+
+def counts_line(plan: Plan, snap: dict[str, dict]) -> str:
     counts: dict[str, int] = {}
+    for s in snap.values():
+        counts[s["label"]] = counts.get(s["label"], 0) + 1
+    head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}"
+
+
+def _runtime(s: dict, now: float) -> Optional[float]:
+    return s.get("runtime_s") or (now - s["started"] if s["state"] == State.RUNNING and s.get("started") else None)
+
+
+def progress_bar(key: str, s: dict, now: float, width: int = 20) -> str:
+    """`toy_train/ab12 [#######.....]  12/40  0:05 eta 0:10 loss=0.31` from the step fields
+    that the worker keeps in status.json (a stage without a training loop shows no bar)."""
+    step, total = s.get("step"), s.get("total_steps")
+    metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
+    if not (total and step is not None) or s["state"] != State.RUNNING:
+        return f"{key} {s['label']} {_fmt_s(_runtime(s, now))} {metric}".rstrip()
+    filled = int(width * min(step, total) / total)
+    done_here = step - s.get("start_step", 0)
+    elapsed = now - s.get("train_started", now)
+    eta = elapsed * (total - step) / done_here if done_here > 0 else None
+    return (f"{key} [{'#' * filled}{'.' * (width - filled)}] {step:>{len(str(total))}}/{total} "
+            f"{_fmt_s(elapsed)} eta {_fmt_s(eta)} {metric}").rstrip()
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "~"
+
+
+def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
+    """One row per cell in WIDTH columns: its stages as one mark each (legend in the header)
+    and the stage that holds it up (running, failed or blocked)."""
+    snap, now = snapshot(plan, waiting), time.time()
+    legend = " ".join(f"{m}={label.lower()}" for label, m in MARKS.items())
+    lines = [counts_line(plan, snap), f"one mark per stage: {' > '.join(plan.spec.stages)}", f"marks: {legend}"]
+    for cell in plan.cells:
+        marks = "".join(MARKS[snap[st.key]["label"]] for st in cell.stages.values())
+        front = next((st.key for st in cell.stages.values() if snap[st.key]["state"] != State.COMPLETED), None)
+        detail = ""
+        if front is not None:
+            s = snap[front]
+            detail = progress_bar(front, s, now, width=10) if s["state"] == State.RUNNING else f"{front} {s['label']}"
+            if s["state"] == State.FAILED and s.get("errors"):
+                detail += f": {s['errors'][-1]['error']}"
+        lines.append(_clip(f"{cell.index:4d} {cell_name(cell)[:36]:36s} {marks} {detail}".rstrip()))
+    return "\n".join(_clip(line) for line in lines)
+
+
+def wide_table(plan: Plan, waiting: set[str] = frozenset()) -> str:
+    """The long form: every stage of every cell with attempt, job, runtime and metrics."""
+    snap, now = snapshot(plan, waiting), time.time()
     rows = []
     for cell in plan.cells:
         cols = []
         for kind, st in cell.stages.items():
-            s = _status(plan, st.key)
-            state = s["state"]
-            label = state.value
-            if state == State.PENDING and st.key in waiting and any(
-                    _status(plan, u)["state"] == State.FAILED for u in st.upstream):
-                label = "BLOCKED"
-            counts[label] = counts.get(label, 0) + 1
-            runtime = s.get("runtime_s") or (now - s["started"] if state == State.RUNNING and s.get("started") else None)
+            s = snap[st.key]
             metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
-            if state == State.COMPLETED:
+            if s["state"] == State.COMPLETED:
                 res = read_stage_result(st.dir(plan.root)) or StageResult()
                 metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.metrics.items())[:2])
             job = f"j{s['job_id']}" if s.get("job_id") and s["job_id"] != "inline" else ""
-            cols.append(f"{kind}:{label}#{s.get('attempt', 0)} {job} {_fmt_s(runtime)} {metric}".strip())
+            cols.append(f"{kind}:{s['label']}#{s.get('attempt', 0)} {job} {_fmt_s(_runtime(s, now))} {metric}".strip())
         rows.append(f"{cell.index:3d} {cell_name(cell)[:40]:40s} | " + " | ".join(cols))
-    head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}\n" + "\n".join(rows)
+    return counts_line(plan, snap) + "\n" + "\n".join(rows)
+
+
+def status_json(plan: Plan) -> list[dict]:
+    """`status --json`: per cell, its values and every stage's ledger fields and metrics."""
+    snap = snapshot(plan)
+    keep = ("attempt", "job_id", "started", "ended", "runtime_s", "step", "total_steps", "last_metric")
+    cells = []
+    for cell in plan.cells:
+        stages = {}
+        for kind, st in cell.stages.items():
+            s = snap[st.key]
+            result = read_stage_result(st.dir(plan.root)) if s["state"] == State.COMPLETED else None
+            stages[kind] = {"key": st.key, "state": s["label"], **{k: s[k] for k in keep if k in s},
+                            "metrics": result.metrics if result else {},
+                            "error": s["errors"][-1]["error"] if s["state"] == State.FAILED and s.get("errors") else None}
+        cells.append({"index": cell.index, "id": cell.id, "name": cell_name(cell), "values": cell.values,
+                      "state": cell_state(plan, cell).value, "stages": stages})
+    return cells
 
 
 class Follower:
-    """Refreshes the table in place on a terminal; prints only changes when piped to a log."""
+    """The live view. On a terminal: the counts per state and a progress bar per running stage,
+    redrawn in place. Piped to a log: a line per state change (a stage first seen PENDING is not
+    news) and the counts after each batch of changes."""
 
-    def __init__(self, plan: Plan, quiet: bool = False):
-        self.plan, self.quiet, self.tty = plan, quiet, sys.stdout.isatty()
-        self.last: dict[str, State] = {}
+    def __init__(self, plan: Plan, quiet: bool = False, tty: Optional[bool] = None):
+        self.plan, self.quiet = plan, quiet
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.last: dict[str, str] = {}
 
     def show(self, waiting: set[str] = frozenset()) -> None:
         if self.quiet:
             return
-        if self.tty:
-            print("\x1b[H\x1b[J" + table(self.plan, waiting), flush=True)
-            return
-        for key, st in self.plan.stages.items():
-            state = _status(self.plan, key)["state"]
-            if self.last.get(key) != state:
-                print(f"[{time.strftime('%H:%M:%S')}] {key} {state.value}", flush=True)
-                self.last[key] = state
+        snap = snapshot(self.plan, waiting)
+        print(self.frame(snap) if self.tty else self.changes(snap), end="", flush=True)
+
+    def frame(self, snap: dict[str, dict], max_bars: int = 30) -> str:
+        now = time.time()
+        active = [k for k, s in snap.items() if s["state"] in ACTIVE]
+        lines = [counts_line(self.plan, snap), *(progress_bar(k, snap[k], now) for k in active[:max_bars])]
+        if len(active) > max_bars:
+            lines.append(f"... and {len(active) - max_bars} more active stages")
+        return "\x1b[H\x1b[J" + "\n".join(_clip(line) for line in lines) + "\n"
+
+    def changes(self, snap: dict[str, dict]) -> str:
+        stamp = time.strftime('%H:%M:%S')
+        lines = [f"[{stamp}] {key} {s['label']}" for key, s in snap.items()
+                 if s["label"] != self.last.get(key, State.PENDING.value)]
+        self.last = {key: s["label"] for key, s in snap.items()}
+        if lines:
+            lines.append(counts_line(self.plan, snap))
+        return "".join(line + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------- commands
@@ -342,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--force", action="store_true", help="recompute every stage of the sweep")
         parser.add_argument("--retry-failed", action="store_true", help="resubmit FAILED stages")
         parser.add_argument("--quiet", action="store_true", help="no table (background controllers)")
+    if command == "status":
+        parser.add_argument("--wide", action="store_true", help="every stage of every cell, unclipped")
+        parser.add_argument("--json", action="store_true", help="the status as JSON (one object per cell)")
     if command == "collect":
         parser.add_argument("--out", help="write .csv or .json here instead of printing")
     args = parser.parse_args(argv)
@@ -364,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         from study import search
         return search.report(plan, command)
     if command == "status":
-        print(table(plan))
+        if args.json:
+            print(json.dumps(status_json(plan), indent=1, default=str))
+        else:
+            print(wide_table(plan) if args.wide else table(plan))
         return 0 if all(cell_state(plan, c) == State.COMPLETED for c in plan.cells) else 1
     if command == "wait":
         sched = Scheduler(plan.stages, {}, make_backend(plan.spec.launcher, plan.root), plan.spec.plugins, None, 0)

@@ -28,3 +28,58 @@ def test_collect_keeps_an_integer_axis_integral_when_some_cells_do_not_set_it(tm
     assert main(["collect", path, "--out", str(tmp_path / "r.json")]) == 0
     records = json.loads((tmp_path / "r.json").read_text())
     assert [r["toy.hidden"] for r in records] == [64, None] and isinstance(records[0]["toy.hidden"], int)
+
+
+TRAIN = {"toy": {"train": {"steps": 20, "ema_decay": 0.0, "precision": "fp32", "log_every": 5, "ckpt_every": 10,
+                           "progress": False, "device": "cpu"}}}
+
+
+def test_status_fits_100_columns_and_has_wide_and_json_forms(tmp_path, capsys):
+    # long cell names and a failure message: the rows that used to run past 250 characters
+    path = write(tmp_path, base=TRAIN, axes={"grid": {"toy.lr": [0.003, 0.03], "eval.n": [100, 200]},
+                                            "lists": [{"toy.fail_at": 7, "data.noise": 0.123456789}, {"data.n": 300}]})
+    assert main([path]) == 1
+    capsys.readouterr()
+    assert main(["status", path]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 + 8 and max(len(line) for line in lines) <= 100, max(map(len, lines))
+    assert sum(" CCC" in line for line in lines) == 4 and sum(" CF." in line for line in lines) == 4
+    assert main(["status", path, "--wide"]) == 1
+    wide = capsys.readouterr().out
+    assert wide.count("toy_train:FAILED") == 4 and max(len(line) for line in wide.splitlines()) > 100
+    assert main(["status", path, "--json"]) == 1
+    cells = json.loads(capsys.readouterr().out)
+    assert [c["state"] for c in cells].count("COMPLETED") == 4 and len(cells) == 8
+    failed = next(c for c in cells if c["state"] == "FAILED")
+    assert failed["stages"]["toy_train"]["state"] == "FAILED"
+    assert "toy failure requested at step 7" in failed["stages"]["toy_train"]["error"]
+    done = next(c for c in cells if c["state"] == "COMPLETED")
+    assert done["stages"]["toy_train"]["metrics"]["steps"] == 20
+    assert done["stages"]["toy_train"]["total_steps"] == 20  # recorded by the worker for the progress bar
+
+
+def test_live_view_piped_prints_state_changes_only_and_on_a_terminal_a_bar_per_running_stage(tmp_path, capsys):
+    import time
+
+    from study import ledger
+    from study.sweep import Follower, load_plan
+    path = write(tmp_path, axes={"grid": {"toy.lr": [0.003, 0.03], "eval.n": [100, 200]}})
+    plan = load_plan(path)  # 1 + 2 + 4 stages, none started
+    view = Follower(plan)  # stdout is captured: not a terminal
+    view.show()
+    assert capsys.readouterr().out == ""  # no PENDING flood
+    train = next(s for s in plan.stages.values() if s.kind == "toy_train")
+    ledger.update_status(train.dir(plan.root), state="RUNNING", step=10, start_step=0, total_steps=40,
+                         train_started=time.time() - 5.0, last_metric={"loss/model": 0.25})
+    view.show()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith(f"{train.key} RUNNING")
+    assert lines[1].endswith("4 cells; stages PENDING=6 RUNNING=1")
+    view.show()
+    assert capsys.readouterr().out == ""  # nothing changed
+
+    Follower(plan, tty=True).show()
+    frame = capsys.readouterr().out.split("\x1b[J", 1)[1].splitlines()
+    assert len(frame) == 2 and "PENDING=6 RUNNING=1" in frame[0]
+    # 10 of 40 steps in 5 s: 30 steps left take 15 s
+    assert frame[1].startswith(f"{train.key} [#####...............] 10/40 0:05 eta 0:15 model=0.25")
