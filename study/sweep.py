@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from typing import Optional
 from study import ledger, schema, tracking
 from study.backends import make_backend
 from study.config import ConfigError, dump_yaml
+from study.fsio import atomic_write_text
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               open_tracking, stage_runs)
 from study.ledger import ACTIVE, State
@@ -294,7 +296,9 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         return 2
     lock = controller_lock(plan)
     manifest = ledger.read_manifest(plan.root, spec.name)
-    tracker = open_tracking(plan, manifest)
+    # a finished sweep whose cell runs exist needs no tracking store (opening one costs seconds)
+    finished = not (force or retry_failed) and _all_completed(plan) and _tracked(plan, manifest)
+    tracker = None if finished else open_tracking(plan, manifest)
     write_manifest(plan, manifest, overrides)
     backend = make_backend(spec.launcher, plan.root)
     sched = Scheduler(plan.stages, stage_runs(plan, manifest.get("run_ids", {})), backend, spec.plugins,
@@ -314,9 +318,36 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
     if tracker:
         _close_failed_runs(plan, tracker, manifest)
     lock.close()
-    if spec.report and tracker:
+    if spec.report and spec.tracking.enabled:
         write_report(plan)
     return code
+
+
+def _all_completed(plan: Plan) -> bool:
+    return all(_status(plan, key)["state"] == State.COMPLETED and read_stage_result(st.dir(plan.root))
+               for key, st in plan.stages.items())
+
+
+def _tracked(plan: Plan, manifest: dict) -> bool:
+    """Tracking is off, or the manifest already holds this store's run for every cell."""
+    if not plan.spec.tracking.enabled:
+        return True
+    uri = plan.spec.tracking.uri or tracking.default_uri(plan.root)
+    run_ids = manifest.get("run_ids", {})
+    return manifest.get("tracking", {}).get("uri") == uri and all(run_ids.get(c.id) for c in plan.cells)
+
+
+def results_digest(plan: Plan) -> str:
+    """What the report reads from the ledger: each cell's stages, their states and results. The
+    report is rebuilt only when this changes."""
+    digest = hashlib.sha256()
+    for cell in plan.cells:
+        digest.update(f"{cell.id}:{cell.values}\n".encode())
+    for key, st in plan.stages.items():
+        result = st.dir(plan.root) / "result.json"
+        digest.update(f"{key}:{_status(plan, key)['state'].value}:".encode())
+        digest.update(result.read_bytes() if result.is_file() else b"-")
+    return digest.hexdigest()
 
 
 def write_report(plan: Plan) -> None:
@@ -325,6 +356,10 @@ def write_report(plan: Plan) -> None:
     sweep. A screenshot that cannot be taken (no Chromium, a remote store) is named in the report
     and in the last lines printed here."""
     out = plan.root / schema.REPORT_DIR
+    digest, digest_file = results_digest(plan), out / "results.sha256"
+    if (out / "report.html").is_file() and digest_file.is_file() and digest_file.read_text() == digest:
+        print(f"report (no result changed): {(out / 'report.html').resolve()}", flush=True)
+        return
     shot = [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root), "--out", str(out / schema.MLFLOW_SCREENSHOT)]
     steps = [[sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]]
     if plan.spec.tracking.uri is None:
@@ -338,6 +373,7 @@ def write_report(plan: Plan) -> None:
             tail = done.stderr.strip()[-2000:]
             print(tail if cmd is shot else f"{' '.join(cmd[1:3])} failed:\n{tail}", flush=True)
     if (out / "report.html").is_file():
+        atomic_write_text(digest_file, digest)
         print(f"report: {(out / 'report.html').resolve()}", flush=True)
 
 

@@ -83,3 +83,44 @@ def test_live_view_piped_prints_state_changes_only_and_on_a_terminal_a_bar_per_r
     assert len(frame) == 2 and "PENDING=6 RUNNING=1" in frame[0]
     # 10 of 40 steps in 5 s: 30 steps left take 15 s
     assert frame[1].startswith(f"{train.key} [#####...............] 10/40 0:05 eta 0:15 model=0.25")
+
+
+def test_rerun_of_a_finished_sweep_is_fast_and_rebuilds_the_report_only_when_a_result_changed(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import subprocess
+    import time
+
+    from study import sweep, tracking
+    from study.sweep import load_plan
+    reports, real_run = [], subprocess.run
+
+    def fake_report_steps(cmd, **kwargs):  # the report's subprocesses: record them, write the file
+        if cmd[1] != "-m" or not cmd[2].startswith("analysis."):
+            return real_run(cmd, **kwargs)
+        if cmd[2] == "analysis.report":
+            reports.append(cmd)
+            (tmp_path / "study" / "report").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "study" / "report" / "report.html").write_text("<html/>")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_report_steps)
+    path = write(tmp_path, base=TRAIN, tracking={"enabled": True}, report=True,
+                 axes={"grid": {"toy.lr": [0.003, 0.03]}})
+    assert main([path]) == 0 and len(reports) == 1
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("a finished sweep opened the tracking store")
+
+    monkeypatch.setattr(tracking, "init_store", no_store)
+    t0 = time.perf_counter()
+    assert main([path]) == 0
+    rerun_s = time.perf_counter() - t0
+    assert len(reports) == 1 and "no result changed" in capsys.readouterr().out
+    assert rerun_s < 3.0, rerun_s  # < 1 s on an idle machine; loose for a loaded CI
+
+    plan = load_plan(path)
+    evaluated = next(s for s in plan.stages.values() if s.kind == "toy_eval").dir(plan.root) / "result.json"
+    result = json.loads(evaluated.read_text())
+    result["metrics"]["mse"] += 1.0
+    evaluated.write_text(json.dumps(result))
+    assert main([path]) == 0 and len(reports) == 2
