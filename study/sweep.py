@@ -1,6 +1,6 @@
 """The sweep CLI.
 
-    python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run] [--detach] [--force] [--retry-failed]
+    python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run [--list]] [--detach] [--force] [--retry-failed]
     python -m study.sweep status  SWEEP.yaml [--wide | --json]  # one table from the ledger (100 columns)
     python -m study.sweep wait    SWEEP.yaml [--set ...]     # reattach and follow until done
     python -m study.sweep collect SWEEP.yaml [--out results.csv]
@@ -18,12 +18,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from study import ledger, schema, tracking
 from study.backends import make_backend
@@ -92,12 +93,22 @@ def _median_runtime(plan: Plan, kind: str) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
-def missing_inputs(plan: Plan) -> list[str]:
+def stage_states(plan: Plan) -> dict[str, State]:
+    """Every stage's state; only the stages that have a folder are read (a huge sweep that has
+    not run yet costs a directory listing per kind)."""
+    on_disk = {kind: set(os.listdir(plan.root / "stages" / kind)) if (plan.root / "stages" / kind).is_dir()
+               else set() for kind in plan.spec.stages}
+    return {key: _status(plan, key)["state"] if st.id in on_disk[st.kind] else State.PENDING
+            for key, st in plan.stages.items()}
+
+
+def missing_inputs(plan: Plan, states: Optional[dict[str, State]] = None) -> list[str]:
     """Distinct 'input file absent' messages of the stages still to run."""
+    states = states if states is not None else stage_states(plan)
     found: dict[str, None] = {}
     for key, st in plan.stages.items():
         check = get_kind(st.kind).missing
-        if check is None or _status(plan, key)["state"] == State.COMPLETED:
+        if check is None or states[key] == State.COMPLETED:
             continue
         message = check(st.config)
         if message:
@@ -105,29 +116,27 @@ def missing_inputs(plan: Plan) -> list[str]:
     return list(found)
 
 
-def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
+def dry_run(plan: Plan, force: bool, retry_failed: bool, cells: bool = False) -> str:
+    """A summary (cells, distinct stages, resources, estimate); `cells`: also every cell with
+    its stage ids and what a run would do with each."""
     spec = plan.spec
+    states = stage_states(plan)
     lines = [f"sweep '{spec.name}': {len(plan.cells)} cells, {len(plan.stages)} distinct stages "
              f"(study dir {plan.root}; backend {spec.launcher.backend})"]
     if plan.merged_duplicates:
         lines.append(f"  ({plan.merged_duplicates} duplicate cells merged)")
-    marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
-    for cell in plan.cells:
-        parts = []
-        for kind, st in cell.stages.items():
-            state = _status(plan, st.key)["state"]
-            mark = "run" if force else marks.get(state, state.value.lower())
-            if state == State.FAILED and retry_failed:
-                mark = "retry"
-            parts.append(f"{kind}:{st.id}[{mark}]")
-        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
-        lines.append(f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts))
+    if cells:
+        lines.extend(_cell_lines(plan, states, force, retry_failed))
+    else:
+        lines.append("  (the cells, their stage ids and what a run does with each: add --list)")
     lines.append("stage kind        total  to-run  gpus cpus mem_gb timeout  est/job   est GPU-h")
     gpu_h = cpu_h = 0.0
-    for kind in spec.stages:
-        keys = [k for k, s in plan.stages.items() if s.kind == kind]
-        to_run = [k for k in keys if force or _status(plan, k)["state"] == State.PENDING
-                  or (retry_failed and _status(plan, k)["state"] == State.FAILED)]
+    per_kind: dict[str, list[str]] = {kind: [] for kind in spec.stages}
+    for key, st in plan.stages.items():
+        per_kind[st.kind].append(key)
+    for kind, keys in per_kind.items():
+        to_run = [k for k in keys if force or states[k] == State.PENDING
+                  or (retry_failed and states[k] == State.FAILED)]
         res = spec.resources_for(kind)
         median = _median_runtime(plan, kind)
         per_job_h = (median if median is not None else res.timeout_min * 60) / 3600
@@ -138,11 +147,25 @@ def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
                      f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * per_job_h:10.2f}")
     lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
                  "else the timeout as an upper bound). Nothing was run.")
-    missing = missing_inputs(plan)
+    missing = missing_inputs(plan, states)
     if missing:
         lines.append(f"missing input files ({len(missing)}; a run would refuse to start):")
         lines.extend(f"  - {m}" for m in missing)
     return "\n".join(lines)
+
+
+def _cell_lines(plan: Plan, states: dict[str, State], force: bool, retry_failed: bool) -> Iterator[str]:
+    marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
+    for cell in plan.cells:
+        parts = []
+        for kind, st in cell.stages.items():
+            state = states[st.key]
+            mark = "run" if force else marks.get(state, state.value.lower())
+            if state == State.FAILED and retry_failed:
+                mark = "retry"
+            parts.append(f"{kind}:{st.id}[{mark}]")
+        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
+        yield f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts)
 
 
 WIDTH = 100  # `status` and the live view fit a terminal of this many columns
@@ -464,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="sweep YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     if command == "run":
-        parser.add_argument("--dry-run", action="store_true", help="print cells, stage ids, cache state, estimate")
+        parser.add_argument("--dry-run", action="store_true", help="print the stages, resources and estimate")
+        parser.add_argument("--list", action="store_true", help="with --dry-run: every cell, its stage ids, cached?")
         parser.add_argument("--detach", action="store_true", help="submit and return at once")
         parser.add_argument("--force", action="store_true", help="recompute every stage of the sweep")
         parser.add_argument("--retry-failed", action="store_true", help="resubmit FAILED stages")
@@ -481,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if command == "run" and args.dry_run:
-        print(dry_run(plan, args.force, args.retry_failed))
+        print(dry_run(plan, args.force, args.retry_failed, cells=args.list))
         return 0
     if command == "run":
         try:

@@ -124,3 +124,35 @@ def test_rerun_of_a_finished_sweep_is_fast_and_rebuilds_the_report_only_when_a_r
     result["metrics"]["mse"] += 1.0
     evaluated.write_text(json.dumps(result))
     assert main([path]) == 0 and len(reports) == 2
+
+
+def test_stage_ids_hashed_from_a_cached_semantic_json_equal_the_full_recompute():
+    import hashlib
+
+    from study.config import config_hash, hash_semantic, semantic_json, to_dict
+    from tests.toy_stages import TrainStage
+    cfg = TrainStage()
+    extra = ("toy_train", 1, "toy_data/0123456789ab")
+    full = json.dumps([to_dict(cfg, semantic_only=True), list(extra)], sort_keys=True, default=str)
+    expected = hashlib.sha256(full.encode()).hexdigest()[:12]
+    assert config_hash(cfg, *extra) == hash_semantic(semantic_json(cfg), *extra) == expected
+
+
+def test_dry_run_of_a_million_cells_is_a_bounded_summary(tmp_path):
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+    ten = list(range(1, 11))
+    path = write(tmp_path, axes={"grid": {"toy.lr": [i / 1000 for i in ten], "toy.hidden": ten, "eval.n": ten,
+                                          "eval.seed": ten, "data.n": [10 + i for i in ten], "data.seed": ten}})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run([sys.executable, "-m", "study.sweep", path, "--dry-run"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("sweep 'w': 1000000 cells, 1010100 distinct stages") and len(lines) < 10, lines
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert cpu_s < 60, cpu_s  # CPU time: the wall clock of a loaded CI says little
+    assert after.ru_maxrss < 2_500_000, after.ru_maxrss  # KiB
