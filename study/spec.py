@@ -329,7 +329,7 @@ def set_path(data: dict, key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------- expansion
-@dataclass
+@dataclass(slots=True)
 class CellDraft:
     """One point of the sweep before stages are attached: its values and its merged config.
     A grid point holds only its values and the spec's (shared) base, and builds its config when

