@@ -52,8 +52,8 @@ def _status(plan: Plan, key: str) -> dict:
     return ledger.read_status(plan.stages[key].dir(plan.root))
 
 
-def cell_state(plan: Plan, cell: Cell) -> State:
-    states = [_status(plan, s.key)["state"] for s in cell.stages.values()]
+def cell_state(plan: Plan, cell: Cell, snap: Optional[dict[str, dict]] = None) -> State:
+    states = [(snap[s.key] if snap else _status(plan, s.key))["state"] for s in cell.stages.values()]
     if all(s == State.COMPLETED for s in states):
         return State.COMPLETED
     if any(s == State.FAILED for s in states):
@@ -215,10 +215,10 @@ def _clip(line: str) -> str:
     return line if len(line) <= WIDTH else line[:WIDTH - 1] + "~"
 
 
-def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
+def table(plan: Plan, waiting: set[str] = frozenset(), snap: Optional[dict[str, dict]] = None) -> str:
     """One row per cell in WIDTH columns: its stages as one mark each (legend in the header)
     and the stage that holds it up (running, failed or blocked)."""
-    snap, now = snapshot(plan, waiting), time.time()
+    snap, now = snap or snapshot(plan, waiting), time.time()
     legend = " ".join(f"{m}={label.lower()}" for label, m in MARKS.items())
     lines = [counts_line(plan, snap), f"one mark per stage: {' > '.join(plan.spec.stages)}", f"marks: {legend}"]
     for cell in plan.cells:
@@ -323,6 +323,15 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
     finished = not (force or retry_failed) and _all_completed(plan) and _tracked(plan, manifest)
     tracker = None if finished else open_tracking(plan, manifest)
     write_manifest(plan, manifest, overrides)
+    if finished:
+        if not quiet:
+            print(f"{spec.name}: {len(plan.cells)} cells, {len(plan.stages)} stages, all completed: 0 to submit",
+                  flush=True)
+        lock.close()
+        code = summary(plan, quiet)
+        if spec.report and spec.tracking.enabled:
+            write_report(plan)
+        return code
     backend = make_backend(spec.launcher, plan.root)
     sched = Scheduler(plan.stages, stage_runs(plan, manifest.get("run_ids", {})), backend, spec.plugins,
                       tracker, spec.launcher.retries)
@@ -425,14 +434,14 @@ def follow(plan: Plan, sched: Scheduler, quiet: bool = False, controller_elsewhe
 
 
 def summary(plan: Plan, quiet: bool = False) -> int:
-    states = [cell_state(plan, c) for c in plan.cells]
+    snap = snapshot(plan)
+    states = [cell_state(plan, c, snap) for c in plan.cells]
     done = sum(s == State.COMPLETED for s in states)
     failed = [c for c, s in zip(plan.cells, states) if s != State.COMPLETED]
     if not quiet:
-        print(table(plan))
+        print(table(plan, snap=snap))
         print(f"{done}/{len(plan.cells)} cells completed, {len(failed)} not completed")
-        for key in plan.stages:
-            s = _status(plan, key)
+        for key, s in snap.items():
             if s["state"] == State.FAILED and s.get("errors"):
                 print(f"  FAILED {key}: {s['errors'][-1]['error']}  ({plan.stages[key].dir(plan.root)}/status.json)")
         if failed:
