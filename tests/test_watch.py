@@ -158,3 +158,10 @@ def test_dry_run_of_a_hundred_thousand_cells_is_a_bounded_summary(tmp_path):
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert cpu_s < 40, cpu_s  # CPU time: the wall clock of a loaded CI says little
     assert after.ru_maxrss < 1_000_000, after.ru_maxrss  # KiB
+
+
+def test_engine_benchmark_runs_a_sweep_of_trivial_cells_and_its_rerun():
+    from study.bench_engine import engine_overhead
+    report = engine_overhead(cells=3, tracking=False)
+    assert report["cells"] == 3 and report["tracking"] == "off"
+    assert report["run"]["wall_s"] > 0 and report["rerun"]["wall_s"] > 0
