@@ -1,6 +1,7 @@
 """The scale questions in one call:
 
     python -m study.bench gpu --out FILE.json [--cpu-small]
+    python -m study.bench engine [--cells 1000] [--no-tracking] [--out FILE.json]   (study/bench_engine.py)
 
 Writes one JSON object with, per item, what was measured and at which sizes:
   tokenizer_paper, tokenizer_base   training images/s through the shared Trainer (bf16 autocast on
@@ -283,11 +284,22 @@ def run_all(sizes: Sizes, device: torch.device, only: Optional[list[str]] = None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m study.bench")
-    parser.add_argument("suite", choices=["gpu"])
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("suite", choices=["gpu", "engine"])
+    parser.add_argument("--out", help="JSON file to write (required for gpu)")
+    parser.add_argument("--cells", type=int, default=1000, help="engine: trivial cells in the sweep")
+    parser.add_argument("--no-tracking", action="store_true", help="engine: without MLflow")
     parser.add_argument("--cpu-small", action="store_true", help="reduced sizes on the CPU, even with CUDA present")
     parser.add_argument("--only", action="append", choices=sorted(ITEMS), help="run only these items")
     args = parser.parse_args(argv)
+    if args.suite == "engine":
+        from study.bench_engine import engine_overhead
+        report = engine_overhead(args.cells, tracking=not args.no_tracking)
+        print(json.dumps(report))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return
+    if not args.out:
+        parser.error("gpu: --out FILE.json is required")
     use_cuda = torch.cuda.is_available() and not args.cpu_small
     device = torch.device("cuda" if use_cuda else "cpu")
     report = run_all(FULL if use_cuda else CPU_SMALL, device, args.only)

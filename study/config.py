@@ -356,8 +356,23 @@ def to_dict(cfg: Any, *, semantic_only: bool = False) -> Any:
 
 def config_hash(cfg: Any, *extra: str, length: int = 12) -> str:
     """Stable hash of the semantic content (key order and defaults written out do not matter)."""
-    payload = json.dumps([to_dict(cfg, semantic_only=True), list(extra)], sort_keys=True, default=str)
+    return hash_semantic(semantic_json(cfg), *extra, length=length)
+
+
+def semantic_json(cfg: Any) -> str:
+    """The part of config_hash that depends on the config alone: computed once, it can be
+    cached by callers that hash one config with many `extra`s (a stage under many upstreams)."""
+    return json.dumps(to_dict(cfg, semantic_only=True), sort_keys=True, default=str)
+
+
+def hash_semantic(semantic: str, *extra: str, length: int = 12) -> str:
+    """config_hash from a semantic_json: the same text as json.dumps([config, extra])."""
+    payload = f"[{semantic}, {_encode_sorted(list(extra))}]"
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+# json.dumps(..., sort_keys=True, default=str) with the encoder built once, not per call
+_encode_sorted = json.JSONEncoder(sort_keys=True, default=str).encode
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

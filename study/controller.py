@@ -160,8 +160,8 @@ def open_tracking(plan: Plan, manifest: dict, fresh: bool = False) -> tuple[Opti
     tracker = open_sweep_run(plan, manifest)
     if tracker is None:
         return None, None
-    book = ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".runs.jsonl")
-    known = {**manifest.get("run_ids", {}), **_read_runs(book)}
+    book = _run_book(plan)
+    known = recorded_runs(plan, manifest)
     if fresh:
         for run_id in known.values():
             tracking.delete_run(tracker, run_id)
@@ -174,6 +174,15 @@ def open_tracking(plan: Plan, manifest: dict, fresh: bool = False) -> tuple[Opti
         _append_runs(book, {cell_id: run_id})
 
     return tracker, CellRuns(plan, tracker, known, remember)
+
+
+def _run_book(plan: Plan) -> Path:
+    return ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".runs.jsonl")
+
+
+def recorded_runs(plan: Plan, manifest: dict) -> dict[str, str]:
+    """cell id -> MLflow run id of every cell run created so far (the manifest's, then the run book's)."""
+    return {**manifest.get("run_ids", {}), **_read_runs(_run_book(plan))}
 
 
 def _read_runs(book: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ import string
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 from study.config import ConfigError, bounded, load, nonsemantic
 
@@ -343,29 +343,57 @@ def set_path(data: dict, key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------- expansion
-@dataclass
+@dataclass(slots=True)
 class CellDraft:
-    """One point of the sweep before stages are attached: its values and its merged config."""
+    """One point of the sweep before stages are attached: its values and its merged config.
+    A grid point holds only its values and the spec's (shared) base, and builds its config when
+    asked: a sweep of a million cells does not keep a million configs."""
     values: dict[str, Any]  # key path -> value chosen by axes/seed (what tells cells apart)
-    config: dict[str, Any]
+    own_config: Optional[dict[str, Any]] = None  # a config written by hand (search trials, probes)
+    base: Optional[dict[str, Any]] = None  # grid points: config = base with `values` set
+
+    @property
+    def derived(self) -> bool:
+        """The config is base + values, so the values decide every section of it."""
+        return self.own_config is None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self.own_config is not None:
+            return self.own_config
+        config = copy.deepcopy(self.base)
+        for key, value in self.values.items():
+            set_path(config, key, value)
+        return config
 
 
 _MISSING = object()
 
 
-def _matches(values: dict[str, Any], config: dict, cond: dict[str, Any]) -> bool:
-    return all(values.get(k, get_path(config, k, _MISSING)) == v for k, v in cond.items())
+def _matches(draft: CellDraft, cond: dict[str, Any]) -> bool:
+    values = draft.values
+    for key, want in cond.items():
+        if key in values:
+            have = values[key]
+        elif any(key.startswith(k + ".") for k in values):  # inside a value that is a mapping
+            have = get_path(draft.config, key, _MISSING)
+        else:
+            have = get_path(draft.base if draft.derived else draft.config, key, _MISSING)
+        if have != want:
+            return False
+    return True
 
 
-def expand(spec: SweepSpec, source: str | None = None) -> list[CellDraft]:
-    """grid × zip groups × lists × seeds, then include / exclude filters, in a stable order."""
+def expand(spec: SweepSpec, source: str | None = None) -> Iterator[CellDraft]:
+    """grid × zip groups × lists × seeds, then include / exclude filters, in a stable order;
+    lazily, so that a dry run of a huge sweep holds one draft at a time."""
     axes = spec.axes
     grid_keys = list(axes.grid)
     grid_points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*axes.grid.values())]
     zip_points = [[{k: group[k][i] for k in group} for i in range(len(next(iter(group.values()))))]
                   for group in axes.zip_groups if group]
     list_points = axes.lists or [{}]
-    drafts = []
+    kept = 0
     for combo in itertools.product(grid_points, *zip_points, list_points, spec.seeds):
         *parts, seed = combo
         values: dict[str, Any] = {}
@@ -373,16 +401,15 @@ def expand(spec: SweepSpec, source: str | None = None) -> list[CellDraft]:
             values.update(part)
         for key in spec.seed_keys:
             values[key] = seed
-        config = copy.deepcopy(spec.base)
-        for key, value in values.items():
-            set_path(config, key, value)
-        drafts.append(CellDraft(values, config))
-    if spec.include:
-        drafts = [d for d in drafts if any(_matches(d.values, d.config, c) for c in spec.include)]
-    drafts = [d for d in drafts if not any(_matches(d.values, d.config, c) for c in spec.exclude)]
-    if not drafts:
+        draft = CellDraft(values, base=spec.base)
+        if spec.include and not any(_matches(draft, c) for c in spec.include):
+            continue
+        if any(_matches(draft, c) for c in spec.exclude):
+            continue
+        kept += 1
+        yield draft
+    if not kept:
         raise ConfigError("include/exclude leave no cell to run", source=source, key="include")
-    return drafts
 
 
 def search_probes(spec: SweepSpec) -> list[CellDraft]:
@@ -400,5 +427,5 @@ def search_probes(spec: SweepSpec) -> list[CellDraft]:
             for seed_key in spec.seed_keys:
                 set_path(config, seed_key, spec.seeds[0])
             set_path(config, key, value)
-            drafts.append(CellDraft({key: value}, config))
+            drafts.append(CellDraft({key: value}, own_config=config))
     return drafts

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, get_args, get_origin
 
 from study import ledger, schema
-from study.config import ConfigError, config_hash, from_dict
+from study.config import ConfigError, from_dict, hash_semantic, semantic_json
 from study.spec import CellDraft, Resources, SweepSpec, axis_keys, expand
 from study.training import Callback
 
@@ -144,7 +144,7 @@ def get_kind(name: str) -> StageKind:
 
 
 # --------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stage:
     kind: str
     id: str
@@ -160,13 +160,20 @@ class Stage:
         return Path(root) / "stages" / self.kind / self.id
 
 
-@dataclass
+@dataclass(slots=True)
 class Cell:
     index: int
     id: str  # hash of its stage keys
-    values: dict[str, Any]  # axis key -> value
-    config: dict[str, Any]
+    draft: CellDraft  # its values and (built on demand) its config
     stages: dict[str, Stage]  # kind -> stage, in dependency order
+
+    @property
+    def values(self) -> dict[str, Any]:  # axis key -> value
+        return self.draft.values
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.draft.config
 
 
 @dataclass
@@ -245,25 +252,64 @@ def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = No
         if problem:
             fail(problem, f"base.{section}")
 
-    drafts = drafts if drafts is not None else expand(spec, source)
+    typed = _TypedConfigs(spec, origins, source, shared={need for kind in kinds for need in kind.needs})
     stages: dict[str, Stage] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
-    for draft in drafts:
+    n_drafts = 0
+    for draft in (drafts if drafts is not None else expand(spec, source)):
+        n_drafts += 1
         cell_stages: dict[str, Stage] = {}
         for kind in kinds:
-            cfg = _typed_config(kind, draft, origins, source)
             ups = tuple(cell_stages[n].key for n in kind.needs)
-            sid = config_hash(cfg, kind.name, kind.version, *ups)
-            stage = stages.setdefault(f"{kind.name}/{sid}",
-                                      Stage(kind.name, sid, cfg, ups, spec.resources_for(kind.name)))
-            cell_stages[kind.name] = stage
-        cell_id = config_hash({}, *sorted(s.key for s in cell_stages.values()))
+            stage = typed.stage(kind, draft, ups)
+            cell_stages[kind.name] = stages.setdefault(stage.key, stage)
+        cell_id = hash_semantic("{}", *sorted(s.key for s in cell_stages.values()))
         if cell_id in seen:
             continue
         seen.add(cell_id)
-        cells.append(Cell(len(cells), cell_id, draft.values, draft.config, cell_stages))
-    return Plan(spec, source, cells, stages, merged_duplicates=len(drafts) - len(cells))
+        cells.append(Cell(len(cells), cell_id, draft, cell_stages))
+    return Plan(spec, source, cells, stages, merged_duplicates=n_drafts - len(cells))
+
+
+class _TypedConfigs:
+    """Each stage kind's typed config of a draft and its stage. For grid cells a typed config and
+    its semantic JSON (the costly part of a stage id) are shared by every cell with the same
+    values in the sections the kind reads, and a stage by every cell that also has the same
+    upstream stages: a million cells build only their distinct configs and hash only their
+    distinct stages."""
+
+    def __init__(self, spec: SweepSpec, origins: dict[str, str], source: str, shared: set[str]):
+        self.origins, self.source, self.shared = origins, source, shared  # shared: kinds others need
+        self.resources = {name: spec.resources_for(name) for name in spec.stages}
+        self.configs: dict[tuple, tuple[Any, str]] = {}
+        self.stages: dict[tuple, Stage] = {}
+        self.relevant: dict[tuple, tuple[str, ...]] = {}  # (kind, the draft's axis keys) -> keys the kind reads
+
+    def stage(self, kind: StageKind, draft: CellDraft, ups: tuple[str, ...]) -> Stage:
+        if not draft.derived:
+            cfg = _typed_config(kind, draft, self.origins, self.source)
+            return self._new(kind, cfg, semantic_json(cfg), ups)
+        axes = (kind.name, tuple(draft.values))
+        keys = self.relevant.get(axes)
+        if keys is None:
+            sections = set(kind.sections)
+            keys = self.relevant[axes] = tuple(k for k in draft.values if k.partition(".")[0] in sections)
+        config_key = (kind.name, keys, repr(tuple(draft.values[k] for k in keys)))
+        stage = self.stages.get((config_key, ups))
+        if stage is None:
+            found = self.configs.get(config_key)
+            if found is None:
+                cfg = _typed_config(kind, draft, self.origins, self.source)
+                found = self.configs[config_key] = (cfg, semantic_json(cfg))
+            stage = self._new(kind, *found, ups)
+            if kind.name in self.shared:  # a last stage is mostly one per cell: not worth keeping here
+                self.stages[(config_key, ups)] = stage
+        return stage
+
+    def _new(self, kind: StageKind, cfg: Any, semantic: str, ups: tuple[str, ...]) -> Stage:
+        sid = hash_semantic(semantic, kind.name, kind.version, *ups)
+        return Stage(kind.name, sid, cfg, ups, self.resources[kind.name])
 
 
 def _typed_config(kind: StageKind, draft: CellDraft, origins: dict[str, str], source: str) -> Any:

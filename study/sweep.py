@@ -1,7 +1,7 @@
 """The sweep CLI.
 
-    python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run] [--detach] [--force] [--retry-failed]
-    python -m study.sweep status  SWEEP.yaml [--set ...]     # one table from the ledger
+    python -m study.sweep SWEEP.yaml [--set key=value ...] [--dry-run [--list]] [--detach] [--force] [--retry-failed]
+    python -m study.sweep status  SWEEP.yaml [--wide | --json]  # one table from the ledger (100 columns)
     python -m study.sweep wait    SWEEP.yaml [--set ...]     # reattach and follow until done
     python -m study.sweep collect SWEEP.yaml [--out results.csv]
 
@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from study import ledger, schema
+from study import ledger, schema, tracking
 from study.backends import check_resources, make_backend, scale_summary
 from study.config import ConfigError, dump_yaml
+from study.fsio import atomic_write_text
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
-                              end_sweep_run, open_tracking)
+                              end_sweep_run, open_tracking, recorded_runs)
 from study.ledger import ACTIVE, State
 from study.spec import load_spec, search_probes
 from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
@@ -49,8 +53,8 @@ def _status(plan: Plan, key: str) -> dict:
     return ledger.read_status(plan.stages[key].dir(plan.root))
 
 
-def cell_state(plan: Plan, cell: Cell) -> State:
-    states = [_status(plan, s.key)["state"] for s in cell.stages.values()]
+def cell_state(plan: Plan, cell: Cell, snap: Optional[dict[str, dict]] = None) -> State:
+    states = [(snap[s.key] if snap else _status(plan, s.key))["state"] for s in cell.stages.values()]
     if all(s == State.COMPLETED for s in states):
         return State.COMPLETED
     if any(s == State.FAILED for s in states):
@@ -90,12 +94,22 @@ def _median_runtime(plan: Plan, kind: str) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
-def missing_inputs(plan: Plan) -> list[str]:
+def stage_states(plan: Plan) -> dict[str, State]:
+    """Every stage's state; only the stages that have a folder are read (a huge sweep that has
+    not run yet costs a directory listing per kind)."""
+    on_disk = {kind: set(os.listdir(plan.root / "stages" / kind)) if (plan.root / "stages" / kind).is_dir()
+               else set() for kind in plan.spec.stages}
+    return {key: _status(plan, key)["state"] if st.id in on_disk[st.kind] else State.PENDING
+            for key, st in plan.stages.items()}
+
+
+def missing_inputs(plan: Plan, states: Optional[dict[str, State]] = None) -> list[str]:
     """Distinct 'input file absent' messages of the stages still to run."""
+    states = states if states is not None else stage_states(plan)
     found: dict[str, None] = {}
     for key, st in plan.stages.items():
         check = get_kind(st.kind).missing
-        if check is None or _status(plan, key)["state"] == State.COMPLETED:
+        if check is None or states[key] == State.COMPLETED:
             continue
         message = check(st.config)
         if message:
@@ -103,29 +117,27 @@ def missing_inputs(plan: Plan) -> list[str]:
     return list(found)
 
 
-def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
+def dry_run(plan: Plan, force: bool, retry_failed: bool, cells: bool = False) -> str:
+    """A summary (cells, distinct stages, resources, estimate); `cells`: also every cell with
+    its stage ids and what a run would do with each."""
     spec = plan.spec
+    states = stage_states(plan)
     lines = [f"sweep '{spec.name}': {len(plan.cells)} cells, {len(plan.stages)} distinct stages "
              f"(study dir {plan.root}; backend {spec.launcher.backend})"]
     if plan.merged_duplicates:
         lines.append(f"  ({plan.merged_duplicates} duplicate cells merged)")
-    marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
-    for cell in plan.cells:
-        parts = []
-        for kind, st in cell.stages.items():
-            state = _status(plan, st.key)["state"]
-            mark = "run" if force else marks.get(state, state.value.lower())
-            if state == State.FAILED and retry_failed:
-                mark = "retry"
-            parts.append(f"{kind}:{st.id}[{mark}]")
-        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
-        lines.append(f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts))
+    if cells:
+        lines.extend(_cell_lines(plan, states, force, retry_failed))
+    else:
+        lines.append("  (the cells, their stage ids and what a run does with each: add --list)")
     lines.append("stage kind        total  to-run  gpus cpus mem_gb timeout  est/job   est GPU-h")
     gpu_h = cpu_h = 0.0
-    for kind in spec.stages:
-        keys = [k for k, s in plan.stages.items() if s.kind == kind]
-        to_run = [k for k in keys if force or _status(plan, k)["state"] == State.PENDING
-                  or (retry_failed and _status(plan, k)["state"] == State.FAILED)]
+    per_kind: dict[str, list[str]] = {kind: [] for kind in spec.stages}
+    for key, st in plan.stages.items():
+        per_kind[st.kind].append(key)
+    for kind, keys in per_kind.items():
+        to_run = [k for k in keys if force or states[k] == State.PENDING
+                  or (retry_failed and states[k] == State.FAILED)]
         res = spec.resources_for(kind)
         median = _median_runtime(plan, kind)
         per_job_h = (median if median is not None else res.timeout_min * 60) / 3600
@@ -137,57 +149,161 @@ def dry_run(plan: Plan, force: bool, retry_failed: bool) -> str:
     lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
                  "else the timeout as an upper bound). Nothing was run.")
     lines.extend(scale_summary(plan))
-    missing = missing_inputs(plan)
+    missing = missing_inputs(plan, states)
     if missing:
         lines.append(f"missing input files ({len(missing)}; a run would refuse to start):")
         lines.extend(f"  - {m}" for m in missing)
     return "\n".join(lines)
 
 
-def table(plan: Plan, waiting: set[str] = frozenset()) -> str:
-    now = time.time()
+def _cell_lines(plan: Plan, states: dict[str, State], force: bool, retry_failed: bool) -> Iterator[str]:
+    marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
+    for cell in plan.cells:
+        parts = []
+        for kind, st in cell.stages.items():
+            state = states[st.key]
+            mark = "run" if force else marks.get(state, state.value.lower())
+            if state == State.FAILED and retry_failed:
+                mark = "retry"
+            parts.append(f"{kind}:{st.id}[{mark}]")
+        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
+        yield f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts)
+
+
+WIDTH = 100  # `status` and the live view fit a terminal of this many columns
+MARKS = {"PENDING": ".", "SUBMITTED": "s", "RUNNING": "R", "PREEMPTED": "p", "COMPLETED": "C", "FAILED": "F",
+         "BLOCKED": "b"}
+
+
+def snapshot(plan: Plan, waiting: set[str] = frozenset()) -> dict[str, dict]:
+    """Every stage's status, read once, with `label`: its state, or BLOCKED for a waiting stage
+    behind a FAILED upstream."""
+    snap = {key: _status(plan, key) for key in plan.stages}
+    for key, s in snap.items():
+        blocked = s["state"] == State.PENDING and key in waiting and any(
+            snap[u]["state"] == State.FAILED for u in plan.stages[key].upstream)
+        s["label"] = "BLOCKED" if blocked else s["state"].value
+    return snap
+
+
+def counts_line(plan: Plan, snap: dict[str, dict]) -> str:
     counts: dict[str, int] = {}
+    for s in snap.values():
+        counts[s["label"]] = counts.get(s["label"], 0) + 1
+    head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}"
+
+
+def _runtime(s: dict, now: float) -> Optional[float]:
+    return s.get("runtime_s") or (now - s["started"] if s["state"] == State.RUNNING and s.get("started") else None)
+
+
+def progress_bar(key: str, s: dict, now: float, width: int = 20) -> str:
+    """`toy_train/ab12 [#######.....]  12/40  0:05 eta 0:10 loss=0.31` from the step fields
+    that the worker keeps in status.json (a stage without a training loop shows no bar)."""
+    step, total = s.get("step"), s.get("total_steps")
+    metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
+    if not (total and step is not None) or s["state"] != State.RUNNING:
+        return f"{key} {s['label']} {_fmt_s(_runtime(s, now))} {metric}".rstrip()
+    filled = int(width * min(step, total) / total)
+    done_here = step - s.get("start_step", 0)
+    elapsed = now - s.get("train_started", now)
+    eta = elapsed * (total - step) / done_here if done_here > 0 else None
+    return (f"{key} [{'#' * filled}{'.' * (width - filled)}] {step:>{len(str(total))}}/{total} "
+            f"{_fmt_s(elapsed)} eta {_fmt_s(eta)} {metric}").rstrip()
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "~"
+
+
+def table(plan: Plan, waiting: set[str] = frozenset(), snap: Optional[dict[str, dict]] = None) -> str:
+    """One row per cell in WIDTH columns: its stages as one mark each (legend in the header)
+    and the stage that holds it up (running, failed or blocked)."""
+    snap, now = snap or snapshot(plan, waiting), time.time()
+    legend = " ".join(f"{m}={label.lower()}" for label, m in MARKS.items())
+    lines = [counts_line(plan, snap), f"one mark per stage: {' > '.join(plan.spec.stages)}", f"marks: {legend}"]
+    for cell in plan.cells:
+        marks = "".join(MARKS[snap[st.key]["label"]] for st in cell.stages.values())
+        front = next((st.key for st in cell.stages.values() if snap[st.key]["state"] != State.COMPLETED), None)
+        detail = ""
+        if front is not None:
+            s = snap[front]
+            detail = progress_bar(front, s, now, width=10) if s["state"] == State.RUNNING else f"{front} {s['label']}"
+            if s["state"] == State.FAILED and s.get("errors"):
+                detail += f": {s['errors'][-1]['error']}"
+        lines.append(_clip(f"{cell.index:4d} {cell_name(cell)[:36]:36s} {marks} {detail}".rstrip()))
+    return "\n".join(_clip(line) for line in lines)
+
+
+def wide_table(plan: Plan, waiting: set[str] = frozenset()) -> str:
+    """The long form: every stage of every cell with attempt, job, runtime and metrics."""
+    snap, now = snapshot(plan, waiting), time.time()
     rows = []
     for cell in plan.cells:
         cols = []
         for kind, st in cell.stages.items():
-            s = _status(plan, st.key)
-            state = s["state"]
-            label = state.value
-            if state == State.PENDING and st.key in waiting and any(
-                    _status(plan, u)["state"] == State.FAILED for u in st.upstream):
-                label = "BLOCKED"
-            counts[label] = counts.get(label, 0) + 1
-            runtime = s.get("runtime_s") or (now - s["started"] if state == State.RUNNING and s.get("started") else None)
+            s = snap[st.key]
             metric = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (s.get("last_metric") or {}).items())
-            if state == State.COMPLETED:
+            if s["state"] == State.COMPLETED:
                 res = read_stage_result(st.dir(plan.root)) or StageResult()
                 metric = " ".join(f"{k}={v:.4g}" for k, v in list(res.metrics.items())[:2])
             job = f"j{s['job_id']}" if s.get("job_id") and s["job_id"] != "inline" else ""
-            cols.append(f"{kind}:{label}#{s.get('attempt', 0)} {job} {_fmt_s(runtime)} {metric}".strip())
+            cols.append(f"{kind}:{s['label']}#{s.get('attempt', 0)} {job} {_fmt_s(_runtime(s, now))} {metric}".strip())
         rows.append(f"{cell.index:3d} {cell_name(cell)[:40]:40s} | " + " | ".join(cols))
-    head = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    return f"[{time.strftime('%H:%M:%S')}] {plan.spec.name}: {len(plan.cells)} cells; stages {head}\n" + "\n".join(rows)
+    return counts_line(plan, snap) + "\n" + "\n".join(rows)
+
+
+def status_json(plan: Plan) -> list[dict]:
+    """`status --json`: per cell, its values and every stage's ledger fields and metrics."""
+    snap = snapshot(plan)
+    keep = ("attempt", "job_id", "started", "ended", "runtime_s", "step", "total_steps", "last_metric")
+    cells = []
+    for cell in plan.cells:
+        stages = {}
+        for kind, st in cell.stages.items():
+            s = snap[st.key]
+            result = read_stage_result(st.dir(plan.root)) if s["state"] == State.COMPLETED else None
+            stages[kind] = {"key": st.key, "state": s["label"], **{k: s[k] for k in keep if k in s},
+                            "metrics": result.metrics if result else {},
+                            "error": s["errors"][-1]["error"] if s["state"] == State.FAILED and s.get("errors") else None}
+        cells.append({"index": cell.index, "id": cell.id, "name": cell_name(cell), "values": cell.values,
+                      "state": cell_state(plan, cell).value, "stages": stages})
+    return cells
 
 
 class Follower:
-    """Refreshes the table in place on a terminal; prints only changes when piped to a log."""
+    """The live view. On a terminal: the counts per state and a progress bar per running stage,
+    redrawn in place. Piped to a log: a line per state change (a stage first seen PENDING is not
+    news) and the counts after each batch of changes."""
 
-    def __init__(self, plan: Plan, quiet: bool = False):
-        self.plan, self.quiet, self.tty = plan, quiet, sys.stdout.isatty()
-        self.last: dict[str, State] = {}
+    def __init__(self, plan: Plan, quiet: bool = False, tty: Optional[bool] = None):
+        self.plan, self.quiet = plan, quiet
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.last: dict[str, str] = {}
 
     def show(self, waiting: set[str] = frozenset()) -> None:
         if self.quiet:
             return
-        if self.tty:
-            print("\x1b[H\x1b[J" + table(self.plan, waiting), flush=True)
-            return
-        for key, st in self.plan.stages.items():
-            state = _status(self.plan, key)["state"]
-            if self.last.get(key) != state:
-                print(f"[{time.strftime('%H:%M:%S')}] {key} {state.value}", flush=True)
-                self.last[key] = state
+        snap = snapshot(self.plan, waiting)
+        print(self.frame(snap) if self.tty else self.changes(snap), end="", flush=True)
+
+    def frame(self, snap: dict[str, dict], max_bars: int = 30) -> str:
+        now = time.time()
+        active = [k for k, s in snap.items() if s["state"] in ACTIVE]
+        lines = [counts_line(self.plan, snap), *(progress_bar(k, snap[k], now) for k in active[:max_bars])]
+        if len(active) > max_bars:
+            lines.append(f"... and {len(active) - max_bars} more active stages")
+        return "\x1b[H\x1b[J" + "\n".join(_clip(line) for line in lines) + "\n"
+
+    def changes(self, snap: dict[str, dict]) -> str:
+        stamp = time.strftime('%H:%M:%S')
+        lines = [f"[{stamp}] {key} {s['label']}" for key, s in snap.items()
+                 if s["label"] != self.last.get(key, State.PENDING.value)]
+        self.last = {key: s["label"] for key, s in snap.items()}
+        if lines:
+            lines.append(counts_line(self.plan, snap))
+        return "".join(line + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------- commands
@@ -205,8 +321,19 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         return 2
     lock = controller_lock(plan)
     manifest = ledger.read_manifest(plan.root, spec.name)
-    tracker, runs = open_tracking(plan, manifest, fresh=force)
+    # a finished sweep whose cell runs exist needs no tracking store (opening one costs seconds)
+    finished = not (force or retry_failed) and _all_completed(plan) and _tracked(plan, manifest)
+    tracker, runs = (None, None) if finished else open_tracking(plan, manifest, fresh=force)
     write_manifest(plan, manifest, overrides)
+    if finished:
+        if not quiet:
+            print(f"{spec.name}: {len(plan.cells)} cells, {len(plan.stages)} stages, all completed: 0 to submit",
+                  flush=True)
+        lock.close()
+        code = summary(plan, quiet)
+        if spec.report and spec.tracking.enabled:
+            write_report(plan)
+        return code
     backend = make_backend(spec.launcher, plan.root)
     sched = Scheduler(plan.stages, runs, backend, spec.plugins, tracker, spec.launcher.retries)
     todo = sched.prepare(force, retry_failed)
@@ -229,9 +356,36 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         runs.close()
     end_sweep_run(tracker, "FINISHED" if code == 0 else "FAILED")
     lock.close()
-    if spec.report and tracker:
+    if spec.report and spec.tracking.enabled:
         write_report(plan)
     return code
+
+
+def _all_completed(plan: Plan) -> bool:
+    return all(_status(plan, key)["state"] == State.COMPLETED and read_stage_result(st.dir(plan.root))
+               for key, st in plan.stages.items())
+
+
+def _tracked(plan: Plan, manifest: dict) -> bool:
+    """Tracking is off, or the manifest already holds this store's run for every cell."""
+    if not plan.spec.tracking.enabled:
+        return True
+    uri = plan.spec.tracking.uri or tracking.default_uri(plan.root)
+    run_ids = recorded_runs(plan, manifest)
+    return manifest.get("tracking", {}).get("uri") == uri and all(run_ids.get(c.id) for c in plan.cells)
+
+
+def results_digest(plan: Plan) -> str:
+    """What the report reads from the ledger: each cell's stages, their states and results. The
+    report is rebuilt only when this changes."""
+    digest = hashlib.sha256()
+    for cell in plan.cells:
+        digest.update(f"{cell.id}:{cell.values}\n".encode())
+    for key, st in plan.stages.items():
+        result = st.dir(plan.root) / "result.json"
+        digest.update(f"{key}:{_status(plan, key)['state'].value}:".encode())
+        digest.update(result.read_bytes() if result.is_file() else b"-")
+    return digest.hexdigest()
 
 
 def write_report(plan: Plan) -> None:
@@ -240,6 +394,10 @@ def write_report(plan: Plan) -> None:
     sweep. A screenshot that cannot be taken (no Chromium, a remote store) is named in the report
     and in the last lines printed here."""
     out = plan.root / schema.REPORT_DIR
+    digest, digest_file = results_digest(plan), out / "results.sha256"
+    if (out / "report.html").is_file() and digest_file.is_file() and digest_file.read_text() == digest:
+        print(f"report (no result changed): {(out / 'report.html').resolve()}", flush=True)
+        return
     shot = [sys.executable, "-m", "analysis.mlflow_ui", str(plan.root), "--out", str(out / schema.MLFLOW_SCREENSHOT)]
     steps = [[sys.executable, "-m", "analysis.report", str(plan.root), "--out", str(out)]]
     if plan.spec.tracking.uri is None:
@@ -253,6 +411,7 @@ def write_report(plan: Plan) -> None:
             tail = done.stderr.strip()[-2000:]
             print(tail if cmd is shot else f"{' '.join(cmd[1:3])} failed:\n{tail}", flush=True)
     if (out / "report.html").is_file():
+        atomic_write_text(digest_file, digest)
         print(f"report: {(out / 'report.html').resolve()}", flush=True)
 
 
@@ -281,14 +440,14 @@ def follow(plan: Plan, sched: Scheduler, quiet: bool = False, controller_elsewhe
 
 
 def summary(plan: Plan, quiet: bool = False) -> int:
-    states = [cell_state(plan, c) for c in plan.cells]
+    snap = snapshot(plan)
+    states = [cell_state(plan, c, snap) for c in plan.cells]
     done = sum(s == State.COMPLETED for s in states)
     failed = [c for c, s in zip(plan.cells, states) if s != State.COMPLETED]
     if not quiet:
-        print(table(plan))
+        print(table(plan, snap=snap))
         print(f"{done}/{len(plan.cells)} cells completed, {len(failed)} not completed")
-        for key in plan.stages:
-            s = _status(plan, key)
+        for key, s in snap.items():
             if s["state"] == State.FAILED and s.get("errors"):
                 print(f"  FAILED {key}: {s['errors'][-1]['error']}  ({plan.stages[key].dir(plan.root)}/status.json)")
         if failed:
@@ -320,7 +479,13 @@ def collect(plan: Plan):
             result = read_stage_result(st.dir(plan.root)) or StageResult()
             row.update({schema.metric(kind, k): v for k, v in result.metrics.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # a column with gaps (an axis that only some cells set) would turn 64 into 64.0
+    for column in df.columns:
+        values = [r[column] for r in rows if r.get(column) is not None]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            df[column] = df[column].astype("Int64")
+    return df
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,11 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="sweep YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     if command == "run":
-        parser.add_argument("--dry-run", action="store_true", help="print cells, stage ids, cache state, estimate")
+        parser.add_argument("--dry-run", action="store_true", help="print the stages, resources and estimate")
+        parser.add_argument("--list", action="store_true", help="with --dry-run: every cell, its stage ids, cached?")
         parser.add_argument("--detach", action="store_true", help="submit and return at once")
         parser.add_argument("--force", action="store_true", help="recompute every stage of the sweep")
         parser.add_argument("--retry-failed", action="store_true", help="resubmit FAILED stages")
         parser.add_argument("--quiet", action="store_true", help="no table (background controllers)")
+    if command == "status":
+        parser.add_argument("--wide", action="store_true", help="every stage of every cell, unclipped")
+        parser.add_argument("--json", action="store_true", help="the status as JSON (one object per cell)")
     if command == "collect":
         parser.add_argument("--out", help="write .csv or .json here instead of printing")
     args = parser.parse_args(argv)
@@ -344,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if command == "run" and args.dry_run:
-        print(dry_run(plan, args.force, args.retry_failed))
+        print(dry_run(plan, args.force, args.retry_failed, cells=args.list))
         return 0
     if command == "run":
         try:
@@ -357,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         from study import search
         return search.report(plan, command)
     if command == "status":
-        print(table(plan))
+        if args.json:
+            print(json.dumps(status_json(plan), indent=1, default=str))
+        else:
+            print(wide_table(plan) if args.wide else table(plan))
         return 0 if all(cell_state(plan, c) == State.COMPLETED for c in plan.cells) else 1
     if command == "wait":
         sched = Scheduler(plan.stages, None, make_backend(plan.spec.launcher, plan.root), plan.spec.plugins, None, 0)

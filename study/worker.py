@@ -48,6 +48,10 @@ class _StatusCallback(Callback):
     def __init__(self, stage_dir: Path, every_s: float = 2.0):
         self.dir, self.every_s, self.last = stage_dir, every_s, 0.0
 
+    def on_train_start(self, trainer) -> None:  # the live view's progress bar and ETA
+        ledger.update_status(self.dir, step=trainer.step, start_step=trainer.step, total_steps=trainer.cfg.steps,
+                             train_started=time.time())
+
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if time.time() - self.last >= self.every_s:
             self.last = time.time()

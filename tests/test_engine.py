@@ -50,7 +50,7 @@ def test_shared_stages_run_once_and_rerun_submits_nothing(tmp_path, capsys):
     assert "0 to submit" in capsys.readouterr().out
     assert all(s["attempt"] == 1 for s in statuses(plan).values())
     # a dry run marks everything cached and estimates from the measured median runtime
-    main([path, "--dry-run"])
+    main([path, "--dry-run", "--list"])
     out = capsys.readouterr().out
     assert out.count("[cached]") == 18 and "med" in out
 

@@ -177,7 +177,7 @@ def test_a_truncated_ledger_file_fails_its_stage_by_path_and_the_rest_stays_read
     corrupt = train.dir(plan.root) / victim
     corrupt.write_text(corrupt.read_text()[:25])
 
-    code, out, err = _cli("status", path)
+    code, out, err = _cli("status", path, "--wide")
     assert code == 1 and "Traceback" not in err
     assert out.count("toy_train:FAILED") == 1 and out.count("toy_train:COMPLETED") == 1, out
     code, out, _ = _cli("run", path, "--dry-run")
