@@ -276,6 +276,13 @@ def _load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
 
 
+def _table_row(name: str, batch: int, measure) -> None:
+    before = _load()
+    r = measure()
+    print(f"{name:<30}{batch:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x"
+          f"   {before} / {_load()}", flush=True)
+
+
 def side_by_side(pairs: int, train_grid: int, sampling: dict, rows: list[str], batches: list[int]) -> None:
     """The table of our sampler and train step against LlamaGen's; `rows` keeps the configurations whose
     name starts with one of its entries ("GPT-B train" for the training step), `batches` the batch sizes."""
@@ -284,16 +291,10 @@ def side_by_side(pairs: int, train_grid: int, sampling: dict, rows: list[str], b
     print(f"{'configuration':<30}{'batch':>6}{'ours ms':>10}{'LlamaGen ms':>13}{'ratio':>8}   load before/after")
     for name, size, grid, vocab, row_batches in SIDE_BY_SIDE:
         for batch in (b for b in row_batches if selected(name) and (not batches or b in batches)):
-            before = _load()
-            r = compare_sampling(size, grid, vocab, batch, pairs, **sampling)
-            print(f"{name:<30}{batch:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x"
-                  f"   {before} / {_load()}", flush=True)
+            _table_row(name, batch, lambda: compare_sampling(size, grid, vocab, batch, pairs, **sampling))
     name = f"GPT-B train step, {train_grid * train_grid} tok"
     if selected(name):
-        before = _load()
-        r = compare_train_step(8, train_grid, pairs)
-        print(f"{name:<30}{8:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x"
-              f"   {before} / {_load()}", flush=True)
+        _table_row(name, 8, lambda: compare_train_step(8, train_grid, pairs))
 
 
 def main(argv=None) -> None:
