@@ -5,14 +5,17 @@ training tokens/s (forward + backward + AdamW).  DiT: sampled latents/s (Euler, 
 and training latents/s.  Sizes: "tiny" = the tiny preset, "B" = GPT-B / DiT-DH-S widths on the
 tiny 8x8 grid (B-ish: the real model on a small grid, so it fits a CPU run).
 
-`python -m generators.bench --vs-llamagen [--pairs 5] [--threads 2]`: our sampler and GPT
-training step side by side with LlamaGen's algorithms (re-implemented below, run on the same
-weights), in alternating pairs on the CPU; prints medians and the median per-pair ratio.
+`python -m generators.bench --vs-llamagen [--pairs 5] [--threads 2] [--rows "64 tokens"] [--batches 8]`:
+our sampler and GPT training step side by side with LlamaGen's algorithms (re-implemented below, run
+on the same weights), in alternating pairs on the CPU; prints medians, the median per-pair ratio and
+the load average before and after each row (the GPT-B rows take minutes each on two threads).
+`--rows` (repeatable) keeps the rows whose name starts with it, e.g. "GPT-B, 256" or "GPT-B train".
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -215,7 +218,8 @@ def bench_dit(size: str, device, batch: int, grid: int, dtype, steps: int) -> di
 SIDE_BY_SIDE = [  # (row, preset, grid side, vocabulary, batches): what the sampler is compared on
     ("64 tokens", "tiny", 8, 512, (8, 32)),
     ("256 tokens, vocab 16k", "tiny", 16, 16384, (8, 32)),
-    ("GPT-B, 64 tokens, vocab 16k", "B", 8, 16384, (8,)),
+    ("GPT-B, 64 tokens, vocab 16k", "B", 8, 16384, (8, 32)),
+    ("GPT-B, 256 tokens, vocab 16k", "B", 16, 16384, (8, 32)),
 ]
 
 
@@ -267,16 +271,30 @@ def gpt_loss(model: GPT, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(model(tokens[:, :-1], labels).flatten(0, 1), tokens.flatten())
 
 
-def side_by_side(pairs: int, train_grid: int, sampling: dict) -> None:
-    print(f"CPU threads={torch.get_num_threads()}  {pairs} alternating pairs  sampling {sampling}")
-    print(f"{'configuration':<30}{'batch':>6}{'ours ms':>10}{'LlamaGen ms':>13}{'ratio':>8}")
-    for name, size, grid, vocab, batches in SIDE_BY_SIDE:
-        for batch in batches:
-            r = compare_sampling(size, grid, vocab, batch, pairs, **sampling)
-            print(f"{name:<30}{batch:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x", flush=True)
-    r = compare_train_step(8, train_grid, pairs)
-    print(f"{f'GPT-B train step, {train_grid * train_grid} tok':<30}{8:>6}{r['ours_ms']:>10.0f}"
-          f"{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x")
+def _load() -> str:
+    """The 1-minute load average: timings from a shared machine are read against it."""
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def _table_row(name: str, batch: int, measure) -> None:
+    before = _load()
+    r = measure()
+    print(f"{name:<30}{batch:>6}{r['ours_ms']:>10.0f}{r['theirs_ms']:>13.0f}{r['ratio']:>7.2f}x"
+          f"   {before} / {_load()}", flush=True)
+
+
+def side_by_side(pairs: int, train_grid: int, sampling: dict, rows: list[str], batches: list[int]) -> None:
+    """The table of our sampler and train step against LlamaGen's; `rows` keeps the configurations whose
+    name starts with one of its entries ("GPT-B train" for the training step), `batches` the batch sizes."""
+    selected = lambda name: not rows or any(name.lower().startswith(r.lower()) for r in rows)  # noqa: E731
+    print(f"CPU threads={torch.get_num_threads()}  {pairs} alternating pairs  sampling {sampling}  {_load()}")
+    print(f"{'configuration':<30}{'batch':>6}{'ours ms':>10}{'LlamaGen ms':>13}{'ratio':>8}   load before/after")
+    for name, size, grid, vocab, row_batches in SIDE_BY_SIDE:
+        for batch in (b for b in row_batches if selected(name) and (not batches or b in batches)):
+            _table_row(name, batch, lambda: compare_sampling(size, grid, vocab, batch, pairs, **sampling))
+    name = f"GPT-B train step, {train_grid * train_grid} tok"
+    if selected(name):
+        _table_row(name, 8, lambda: compare_train_step(8, train_grid, pairs))
 
 
 def main(argv=None) -> None:
@@ -291,6 +309,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", type=int, default=5, help="--vs-llamagen: alternating pairs per row")
     parser.add_argument("--threads", type=int, default=2, help="--vs-llamagen: CPU threads")
     parser.add_argument("--train-grid", type=int, default=16, help="--vs-llamagen: grid side of the training step")
+    parser.add_argument("--rows", action="append", default=[],
+                        help="--vs-llamagen: keep rows whose name starts with this (repeatable; default all)")
+    parser.add_argument("--batches", default="", help="--vs-llamagen: comma-separated batch sizes (default all)")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -298,7 +319,8 @@ def main(argv=None) -> None:
     if args.vs_llamagen:
         torch.set_num_threads(args.threads)
         sampling = {"cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p}
-        return side_by_side(args.pairs, args.train_grid, sampling)
+        batches = [int(b) for b in args.batches.split(",") if b]
+        return side_by_side(args.pairs, args.train_grid, sampling, args.rows, batches)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from generators import bench
 from generators.bench import gpt_loss, llamagen_generate, llamagen_loss, random_gpt
 from generators.sampling import generate, logits_to_probs, sample_token
 from tests.test_generators import small_gpt
@@ -113,3 +114,36 @@ def test_training_loss_and_gradients_equal_llamagen_with_dropout():
     assert not torch.equal(llamagen_loss(model, tokens, labels), losses[1])  # dropout is active
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_side_by_side_protocol_alternates_and_takes_the_median_pair_ratio(monkeypatch):
+    clock, calls = [0.0], []
+    durations = iter([0.0, 0.0] + [0.05, 0.25, 0.3, 0.1, 0.2, 0.2])  # warm-ups, then 3 pairs in call order
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def timed(name):
+        def run():
+            calls.append(name)
+            clock[0] += next(durations)
+        return run
+    result = bench.alternating_pairs(timed("ours"), timed("theirs"), pairs=3)
+    assert calls == ["ours", "theirs", "ours", "theirs", "theirs", "ours", "ours", "theirs"]
+    # pairs theirs/ours: 0.25/0.05, 0.3/0.1, 0.2/0.2 -> median 3, not the ratio of medians (0.25/0.1)
+    assert result["ratio"] == pytest.approx(3.0)
+    assert result["ours_ms"] == pytest.approx(100.0) and result["theirs_ms"] == pytest.approx(250.0)
+
+
+def test_side_by_side_table_covers_every_configuration_and_filters_rows(monkeypatch, capsys):
+    seen = []
+    fake = {"ours_ms": 1.0, "theirs_ms": 2.0, "ratio": 2.0}
+    monkeypatch.setattr(bench, "compare_sampling", lambda size, grid, vocab, batch, pairs, **s: seen.append(
+        (size, grid * grid, batch)) or fake)
+    monkeypatch.setattr(bench, "compare_train_step", lambda batch, grid, pairs: seen.append(("train", grid)) or fake)
+    bench.main(["--vs-llamagen", "--pairs", "1"])
+    for size in ("tiny", "B"):  # the table: 64 and 256 tokens, batch 8 and 32, and the train step
+        assert {(t, b) for s, t, b in (c for c in seen if len(c) == 3) if s == size} >= {(64, 8), (64, 32), (256, 8),
+                                                                                          (256, 32)}
+    assert ("train", 16) in seen and "load" in capsys.readouterr().out
+    seen.clear()
+    bench.main(["--vs-llamagen", "--pairs", "1", "--rows", "GPT-B, 256", "--batches", "32"])
+    assert seen == [("B", 256, 32)]
