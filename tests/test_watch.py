@@ -153,7 +153,7 @@ def test_dry_run_of_a_hundred_thousand_cells_is_a_bounded_summary(tmp_path):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("sweep 'w': 100000 cells, 101010 distinct stages") and len(lines) < 10, lines
+    assert lines[0].startswith("sweep 'w': 100000 cells, 101010 distinct stages") and len(lines) < 20, lines  # a summary, not a line per cell
     assert "toy_eval        100000  100000" in done.stdout
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert cpu_s < 40, cpu_s  # CPU time: the wall clock of a loaded CI says little
