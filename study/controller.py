@@ -344,8 +344,19 @@ class Scheduler:
         if self.backend.name == "slurm":
             self._submit_dag(todo)
         else:
-            self.progress.waiting = list(todo)
+            self.progress.waiting = self._critical_first(todo)
             self.step()
+
+    def _critical_first(self, keys: list[str]) -> list[str]:
+        """The order free slots take ready stages in: the stage more later stages wait on goes first
+        (a backbone before a tokenizer of another backbone), so that no slot idles at the end of a
+        sweep while the last backbone's chain runs alone; ties keep the plan's order."""
+        below: dict[str, set[str]] = {key: set() for key in self.stages}
+        for key in reversed(list(self.stages)):  # the plan lists upstream stages first
+            for up in self.stages[key].upstream:
+                below[up] |= below[key] | {key}
+        order = {key: i for i, key in enumerate(self.stages)}
+        return sorted(keys, key=lambda key: (-len(below[key]), order[key]))
 
     def _submit_dag(self, todo: list[str]) -> None:
         """Every level at once; a level's arrays start after the arrays of its upstream stages."""

@@ -182,3 +182,16 @@ def test_a_stage_job_computes_on_the_cores_it_asked_for():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}).stdout.split()
     assert out == ["1", "1"]
+
+
+def test_free_slots_take_the_stage_more_stages_wait_on_first(tmp_path):
+    """2 data sets x 2 learning rates, one slot: both data stages (each waited on by 2 train and
+    2 eval stages) run before any train stage; in plan order the second data set would wait
+    until the first data set's whole chain had run."""
+    path = write(tmp_path, axes={"grid": {"data.seed": [1, 2], "toy.lr": [0.01, 0.05]}},
+                 base={"toy": {"train": {"steps": 2, "ema_decay": 0.0, "precision": "fp32", "log_every": 1,
+                                         "ckpt_every": 2, "progress": False, "device": "cpu"}}})
+    assert main([path, "--quiet"]) == 0
+    plan = load_plan(path)
+    started = sorted((s["started"], key.split("/")[0]) for key, s in statuses(plan).items())
+    assert [kind for _, kind in started][:2] == ["toy_data", "toy_data"], started
