@@ -87,6 +87,16 @@ def test_two_local_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
         if name in RANK_LOCAL:
             continue
         assert torch.allclose(got_w[name], tensor, atol=WEIGHT_ATOL), name
+    # the export is shared out over the ranks and merged by rank 0: the same rows, and codes from
+    # weights equal to the tolerance above
+    codes = [torch.load(tokenizer_stage_dir(p) / S.CODES_FILE, weights_only=True) for p in (one, two)]
+    assert torch.equal(codes[0]["labels"], codes[1]["labels"])
+    key = "tokens" if "tokens" in codes[0] else "latents"
+    assert codes[0][key].shape == codes[1][key].shape
+    if key == "tokens":
+        assert (codes[0][key] == codes[1][key]).float().mean() > 0.95
+    else:
+        assert torch.allclose(codes[0][key].float(), codes[1][key].float(), atol=1e-3)
     ckpt = torch.load(tokenizer_stage_dir(two) / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2  # both ranks' generators, for an exact resume
     status = ledger.read_status(tokenizer_stage_dir(two))

@@ -40,9 +40,10 @@ from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, Re
                                     check_tokenizer, generator_config, inhouse_objective, missing_data,
                                     missing_tokenizer_inputs, spec_missing, tokenizer_config)
 from study.stages import StageContext, StageResult, register_stage
+from study.training import init_distributed
 from generators.train import load_generator, train as train_generator
 from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
-from tokenizer.export import export_codes
+from tokenizer.export import merge_code_shards, write_code_shards
 from tokenizer.sampling_points import sampling_points
 from tokenizer.train import load_tokenizer, train as train_tokenizer
 from tokenizer.vfm import VFMSpec, build_vfm
@@ -142,13 +143,23 @@ def run_tokenizer(ctx: StageContext) -> StageResult:
     run = tokenizer_config(cfg.data, spec, cfg.tokenizer, ctx.dir)
     model, metrics = train_tokenizer(run, ctx.callbacks)
     model.to(_device())
-    export_codes(model, build_dataset(cfg.data, "train"), ctx.dir / S.CODES_FILE, views=run.export_views,
-                 seed=run.train.seed)
+    _export_sharded(model, build_dataset(cfg.data, "train"), ctx.dir / S.CODES_FILE, run.export_views, run.train.seed)
     m = run.model
     return StageResult(metrics=_numbers(metrics),
                        outputs={"deviations": run.deviations, "perceptual_network": run.perceptual_network},
                        tags={S.TOKENIZER_KIND: m.kind, S.NUM_QUERIES: m.num_queries, S.SAMPLER: m.sampler,
                              S.SEMANTIC: str(run.semantic_on).lower()})
+
+
+def _export_sharded(model, dataset, path: Path, views: int, seed: int) -> None:
+    """Every rank of the stage encodes its own shards of the train split; rank 0 merges them once
+    all are on disk (a single-rank stage does both)."""
+    rank, world, _ = init_distributed()
+    plan = write_code_shards(model, dataset, path, rank=rank, world=world, views=views, seed=seed)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        merge_code_shards(model, plan, path)
 
 
 @register_stage(S.TOK_EVAL, TokEvalStage, needs=(S.TOKENIZER, S.REFERENCE))
