@@ -14,4 +14,6 @@ bash study/cluster/setup.sh --dev
 
 export VFMSTUDY_SLURM=1        # the Slurm tests FAIL (not skip) if the cluster is unreachable
 export HF_HUB_OFFLINE=1
-.venv/bin/python -m pytest -q "$@"
+# two workers: much of the suite waits on subprocesses, Slurm and MLflow with a core idle; tests that
+# share a session fixture or the cluster stay together on one worker (tests/conftest.py)
+.venv/bin/python -m pytest -q -n 2 --dist loadgroup "$@"
