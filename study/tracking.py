@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from study import ledger, schema
 from study.config import flatten
@@ -178,13 +178,16 @@ def delete_run(tracker: Tracker, run_id: str) -> None:
 
 
 def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: StageResult,
-                     step: int = 0) -> None:
+                     step: int = 0, curves: Optional[dict[str, int]] = None) -> None:
     """A finished stage's result into the cell runs that contain it: its metrics as
     `<kind>/<key>`, its tags (e.g. backbone, family), its config and its artifacts.
     `step`: the stage's last training step, so that a final value shares the x axis of the
     curve the stage's callback logged under the same name (at step 0 it would read as the
-    curve's starting point)."""
-    log_metrics(tracker, run_ids, {schema.metric(kind, k): v for k, v in result.metrics.items()}, step=step)
+    curve's starting point). `curves`: name -> last step the callback logged it at; a final value
+    the curve already holds at that step is not logged a second time."""
+    curves = curves or {}
+    metrics = {schema.metric(kind, k): v for k, v in result.metrics.items()}
+    log_metrics(tracker, run_ids, {name: v for name, v in metrics.items() if curves.get(name) != step}, step=step)
     if result.tags:
         set_tags(tracker, run_ids, result.tags)
     log_artifact(tracker, run_ids, Path(stage_dir) / schema.STAGE_CONFIG, schema.stage_config_artifact_dir(kind))
@@ -198,9 +201,12 @@ class MlflowCallback(Callback):
 
     def __init__(self, tracker: Tracker, run_ids: list[str], prefix: str):
         self.tracker, self.run_ids, self.prefix = tracker, list(run_ids), prefix
+        self.last_step: dict[str, int] = {}  # metric name -> the last step it was logged at
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.tracker, self.run_ids, {schema.metric(self.prefix, k): v for k, v in metrics.items()}, step)
+        named = {schema.metric(self.prefix, k): v for k, v in metrics.items()}
+        log_metrics(self.tracker, self.run_ids, named, step)
+        self.last_step.update(dict.fromkeys(named, step))
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._log(step, metrics)

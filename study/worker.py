@@ -96,7 +96,8 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                 attempt=ledger.read_status(sdir).get("attempt", 0) + 1, started=time.time(), **ledger.here())
             callbacks = [_StatusCallback(sdir), *extra_callbacks]
             if tracker and item.run_ids:
-                callbacks.append(MlflowCallback(tracker, item.run_ids, stage.kind))
+                curves = MlflowCallback(tracker, item.run_ids, stage.kind)
+                callbacks.append(curves)
                 set_tags(tracker, item.run_ids, {schema.stage_tag(stage.kind): stage.id,
                                                  schema.stage_job_tag(stage.kind): job_id, **job_tags()})
             try:
@@ -128,7 +129,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                              runtime_s=ended - status["started"])
     if tracker and item.run_ids:
         log_stage_result(tracker, item.run_ids, stage.kind, sdir, result,
-                         step=int(ledger.read_status(sdir).get("step") or 0))
+                         step=int(ledger.read_status(sdir).get("step") or 0), curves=curves.last_step)
         if item.finishes:
             end_runs(tracker, item.finishes, "FINISHED")
     return result
