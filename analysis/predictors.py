@@ -12,8 +12,14 @@ VFMTok and VFMAE metrics are on different scales.
   narrow (on null data with a backbone effect on both sides, 8 backbones x 3 seeds, 300
   draws, 95 % intervals excluded 0 in 22 % of draws when resampling runs, 6 % when
   resampling backbones).  Seeded (`seed`), so the table is reproducible.
-- `predictor_verdict`: one sentence naming the property with the largest |ρ| among those whose
-  interval excludes 0, or saying that none is resolved.
+  A pair is *resolved* only when that interval excludes 0 and, too, an exact permutation test of
+  the backbones (Spearman ρ of the per-backbone means, every relabelling of the backbones; random
+  relabellings past 8 backbones) rejects independence after Holm's correction over the table's
+  pairs.  The permutation test is what stops a handful of backbones from passing: with n of them
+  the smallest attainable p is 2/n!, so 3 backbones (p >= 1/3) can never resolve a predictor,
+  however tight a bootstrap over 3 groups looks.
+- `predictor_verdict`: one sentence naming the property with the largest |ρ| among the resolved
+  pairs, or saying that none is resolved.
 - `between_objectives`: Kruskal-Wallis and one-way ANOVA of one headline metric across groups,
   per-group mean and Student-t interval, and a plain sentence.  The rank test leads: with 3
   seeds per group normality cannot be checked; the ANOVA is reported next to it.
@@ -21,6 +27,8 @@ VFMTok and VFMAE metrics are on different scales.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,7 +40,10 @@ from analysis.stats import mean_ci
 from study import schema as S
 
 MIN_BACKBONES = 3
-PREDICTOR_COLUMNS = ["property", "metric", "rho", "low", "high", "n_runs", "n_backbones", "resolved"]
+EXACT_PERMUTATIONS_UP_TO = 8  # 8! = 40320 relabellings; more backbones draw RANDOM_PERMUTATIONS
+RANDOM_PERMUTATIONS = 20000
+PREDICTOR_COLUMNS = ["property", "metric", "rho", "low", "high", "p_perm", "p_holm", "n_runs", "n_backbones",
+                     "resolved"]
 
 
 # --------------------------------------------------------------------------- predictors
@@ -89,12 +100,56 @@ def backbone_bootstrap(data: pd.DataFrame, group: str, x: str, y: str, n_boot: i
     return rhos[np.isfinite(rhos)]
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return sps.rankdata(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _all_orders(n: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(n))))
+
+
+def backbone_permutation_p(data: pd.DataFrame, group: str, x: str, y: str, seed: int = 0) -> float:
+    """Two-sided p-value of Spearman ρ between the per-backbone means of x and y: the share of
+    relabellings of the backbones (all of them up to EXACT_PERMUTATIONS_UP_TO backbones) whose |ρ|
+    reaches the observed one. nan when ρ of the means is undefined."""
+    means = data.groupby(group)[[x, y]].mean()
+    rx, ry = _ranks(means[x].to_numpy(float)), _ranks(means[y].to_numpy(float))
+    n = len(rx)
+    if n < 2 or np.ptp(rx) == 0 or np.ptp(ry) == 0:
+        return float("nan")
+    if n <= EXACT_PERMUTATIONS_UP_TO:
+        orders = _all_orders(n)
+    else:
+        rng = np.random.default_rng(seed)
+        orders = np.argsort(rng.random((RANDOM_PERMUTATIONS, n)), axis=1)
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    rhos = (dx[orders] @ dy) / np.sqrt((dx @ dx) * (dy @ dy))
+    observed = abs(float(dx @ dy) / np.sqrt((dx @ dx) * (dy @ dy)))
+    return float(np.mean(np.abs(rhos) >= observed - 1e-12))
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (nan entries stay nan, not counted)."""
+    p = np.asarray(p, float)
+    out = np.full(len(p), np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[idx]))
+        out[idx] = running
+    return out
+
+
 def predictor_table(runs: pd.DataFrame, properties: Sequence[str], metrics: Sequence[str], *,
                     group: str = S.BACKBONE, n_boot: int = 2000, confidence: float = 0.95,
                     seed: int = 0) -> pd.DataFrame:
     """One row per (property, metric): ρ over all runs, its backbone-bootstrap interval (nan with
-    fewer than MIN_BACKBONES backbones), the numbers of runs and backbones, and whether the
-    interval excludes 0."""
+    fewer than MIN_BACKBONES backbones), the backbone permutation p-value and its Holm adjustment
+    over the table's rows, the numbers of runs and backbones, and whether the pair is resolved
+    (interval excludes 0 and adjusted p < 1 - confidence)."""
     rows = []
     tail = (1 - confidence) / 2 * 100
     for prop in properties:
@@ -106,10 +161,16 @@ def predictor_table(runs: pd.DataFrame, properties: Sequence[str], metrics: Sequ
             enough = np.isfinite(rho) and n_groups >= MIN_BACKBONES
             boots = backbone_bootstrap(data, group, prop, metric, n_boot, seed) if enough else []
             low, high = np.percentile(boots, [tail, 100 - tail]) if len(boots) else (np.nan, np.nan)
+            p_perm = backbone_permutation_p(data, group, prop, metric, seed) if enough else np.nan
             rows.append({"property": prop, "metric": metric, "rho": rho, "low": float(low), "high": float(high),
-                         "n_runs": len(data), "n_backbones": int(n_groups),
-                         "resolved": bool(low > 0 or high < 0)})
-    return pd.DataFrame(rows, columns=PREDICTOR_COLUMNS)
+                         "p_perm": p_perm, "n_runs": len(data), "n_backbones": int(n_groups),
+                         "interval_excludes_0": bool(low > 0 or high < 0)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return pd.DataFrame(columns=PREDICTOR_COLUMNS)
+    table["p_holm"] = holm(table["p_perm"].to_numpy(float))
+    table["resolved"] = table.pop("interval_excludes_0") & (table["p_holm"] < 1 - confidence)
+    return table[PREDICTOR_COLUMNS]
 
 
 def predictor_verdict(table: pd.DataFrame, confidence: float = 0.95) -> str:
@@ -122,11 +183,14 @@ def predictor_verdict(table: pd.DataFrame, confidence: float = 0.95) -> str:
     pct = f"{confidence:.0%}"
     resolved = table[table["resolved"]]
     if resolved.empty:
-        return (f"No backbone property is a resolved predictor: every {pct} bootstrap interval of Spearman ρ "
-                f"crosses 0 (up to {table['n_runs'].max()} runs of {table['n_backbones'].max()} backbones).")
+        return (f"No backbone property is a resolved predictor: none has both a {pct} bootstrap interval of "
+                f"Spearman ρ that excludes 0 and a backbone permutation test that holds after Holm's correction "
+                f"(smallest adjusted p {np.nanmin(table['p_holm']):.2g}; up to {table['n_runs'].max()} runs of "
+                f"{table['n_backbones'].max()} backbones).")
     best = resolved.loc[resolved["rho"].abs().idxmax()]
     return (f"The best predictor is {best['property']}: Spearman ρ = {best['rho']:.2f} "
-            f"({pct} CI {best['low']:.2f} to {best['high']:.2f}) with {best['metric']}, over "
+            f"({pct} CI {best['low']:.2f} to {best['high']:.2f}; permutation p = {best['p_perm']:.2g}, "
+            f"{best['p_holm']:.2g} after Holm) with {best['metric']}, over "
             f"{best['n_runs']} runs of {best['n_backbones']} backbones.")
 
 

@@ -146,3 +146,27 @@ def test_between_objectives_needs_two_groups_and_a_seed_spread():
         between_objectives(runs[runs.backbone == "obj0"], "tok_eval/rfd_ref")
     with pytest.raises(ValueError, match="more than one seed"):
         between_objectives(runs[runs.seed == 0], "tok_eval/rfd_ref")
+
+
+def test_backbone_permutation_p_is_scipys_exact_pairing_test_on_backbone_means():
+    from analysis.predictors import backbone_permutation_p
+    runs = _runs(n_backbones=6, n_seeds=2, seed=4)
+    means = runs.groupby("backbone")[["vfm/noise", "tok_eval/psnr"]].mean()
+    y = means["tok_eval/psnr"].to_numpy()  # permuting one side is every relabelling (6! of them)
+    ref = stats.permutation_test((means["vfm/noise"].to_numpy(),), lambda a: stats.spearmanr(a, y).statistic,
+                                 permutation_type="pairings", n_resamples=np.inf, alternative="two-sided").pvalue
+    assert backbone_permutation_p(runs, "backbone", "vfm/noise", "tok_eval/psnr") == pytest.approx(ref)
+
+
+def test_three_backbones_never_resolve_a_predictor_however_tight_the_bootstrap():
+    """A perfect monotone relation over 3 backbones happens by chance for 2 of their 6 orders."""
+    runs = _runs(n_backbones=3, n_seeds=3)
+    row = predictor_table(runs, ["vfm/good"], ["tok_eval/rfd_ref"], n_boot=300).iloc[0]
+    assert row.rho == pytest.approx(-1.0) and row.p_perm == pytest.approx(2 / 6) and not row.resolved
+    assert predictor_verdict(pd.DataFrame([row])).startswith("No backbone property is a resolved predictor")
+
+
+def test_holm_adjustment_known_values():
+    from analysis.predictors import holm
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04); nan is not counted
+    assert holm(np.array([0.01, 0.04, np.nan, 0.03])) == pytest.approx([0.03, 0.06, np.nan, 0.06], nan_ok=True)

@@ -147,10 +147,12 @@ def test_dry_run_of_a_hundred_thousand_cells_is_a_bounded_summary(tmp_path):
     path = write(tmp_path, axes={"grid": {"toy.lr": [i / 1000 for i in ten], "toy.hidden": ten, "eval.n": ten,
                                           "eval.seed": ten, "data.n": [10 + i for i in ten]}})
     # the child reports its own usage: RUSAGE_CHILDREN's peak would be that of any earlier child of
-    # this (possibly long-lived xdist worker) process
-    own_usage = ("import json, resource, sys\nfrom study.sweep import main\ncode = main(sys.argv[1:])\n"
+    # this (possibly long-lived xdist worker) process, and ru_maxrss keeps the forked parent's resident
+    # size across exec; VmHWM belongs to the child's own address space
+    own_usage = ("import json, re, resource, sys\nfrom study.sweep import main\ncode = main(sys.argv[1:])\n"
                  "u = resource.getrusage(resource.RUSAGE_SELF)\n"
-                 "print(json.dumps([u.ru_utime + u.ru_stime, u.ru_maxrss]), file=sys.stderr)\nsys.exit(code)")
+                 "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+                 "print(json.dumps([u.ru_utime + u.ru_stime, hwm]), file=sys.stderr)\nsys.exit(code)")
     done = subprocess.run([sys.executable, "-c", own_usage, path, "--dry-run"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert done.returncode == 0, done.stderr
