@@ -100,10 +100,6 @@ def backbone_bootstrap(data: pd.DataFrame, group: str, x: str, y: str, n_boot: i
     return rhos[np.isfinite(rhos)]
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    return sps.rankdata(x)
-
-
 @functools.lru_cache(maxsize=None)
 def _all_orders(n: int) -> np.ndarray:
     return np.array(list(itertools.permutations(range(n))))
@@ -114,7 +110,7 @@ def backbone_permutation_p(data: pd.DataFrame, group: str, x: str, y: str, seed:
     relabellings of the backbones (all of them up to EXACT_PERMUTATIONS_UP_TO backbones) whose |ρ|
     reaches the observed one. nan when ρ of the means is undefined."""
     means = data.groupby(group)[[x, y]].mean()
-    rx, ry = _ranks(means[x].to_numpy(float)), _ranks(means[y].to_numpy(float))
+    rx, ry = sps.rankdata(means[x].to_numpy(float)), sps.rankdata(means[y].to_numpy(float))
     n = len(rx)
     if n < 2 or np.ptp(rx) == 0 or np.ptp(ry) == 0:
         return float("nan")

@@ -112,11 +112,8 @@ def test_rerun_of_a_finished_sweep_is_fast_and_rebuilds_the_report_only_when_a_r
         raise AssertionError("a finished sweep opened the tracking store")
 
     monkeypatch.setattr(tracking, "init_store", no_store)
-    t0 = time.perf_counter()
-    assert main([path]) == 0
-    rerun_s = time.perf_counter() - t0
+    assert main([path]) == 0  # how long it takes is for `python -m study.bench engine`, not a test
     assert len(reports) == 1 and "no result changed" in capsys.readouterr().out
-    assert rerun_s < 3.0, rerun_s  # < 1 s on an idle machine; loose for a loaded CI
 
     plan = load_plan(path)
     evaluated = next(s for s in plan.stages.values() if s.kind == "toy_eval").dir(plan.root) / "result.json"
