@@ -24,6 +24,14 @@ from study import schema as S
 PROPERTIES = tuple(S.metric(S.VFM, k) for k in (S.PROBE_ACC, S.KNN_ACC, S.SPATIAL_STRUCTURE, S.MUTUAL_KNN,
                                                 S.CKNNA, S.RANKME))
 GROUP_COLUMNS = [SERIES, "metric", S.BACKBONE, "mean", "low", "high", "n"]
+# the floors a number must clear before it says anything about a backbone: chance for its probe, the
+# per-class mean image for a reconstruction (below a gain of RECOGNISABLE_DB the reconstructions read as
+# class-mean blobs, not the image's shape)
+BACKBONE_PROBE = S.metric(S.VFM, S.PROBE_ACC)
+RECON_GAIN = (S.metric(S.TOK_EVAL, S.PSNR), S.metric(S.TOK_EVAL, S.PSNR_CLASS_MEAN))
+RECOGNISABLE_DB = 4.0
+PROBE_N = ("params.pretrain.eval.val_samples", "params.data.val_size")  # the probe scores min() of these
+CLASSES = "params.data.num_classes"
 TEST_COLUMNS = [SERIES, "metric", "kruskal_h", "kruskal_p", "anova_f", "anova_p", "sentence"]
 
 
@@ -38,6 +46,8 @@ class Evidence:
     verdict: str = ""
     answer: list[str] = field(default_factory=list)
     single_seed: bool = False  # some number rests on one seed: the report says so once
+    floors: pd.DataFrame = field(default_factory=pd.DataFrame)  # per backbone: probe vs chance, recon gain
+    floor_sentences: list[str] = field(default_factory=list)  # what the run can and cannot conclude
 
 
 def headline_metrics(runs: pd.DataFrame) -> list[str]:
@@ -137,6 +147,59 @@ def answer_sentences(pipelines: dict[str, pd.DataFrame], metrics: list[str], tes
     return [*out, verdict] if verdict else out
 
 
+def floor_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per backbone: its probe accuracy against chance (in binomial standard errors under chance) and,
+    per pipeline, the mean PSNR gain of its reconstructions over the per-class mean image."""
+    data = _with_series(main_setting(runs))
+    rows = []
+    for backbone, g in data.groupby(S.BACKBONE, sort=True):
+        row: dict = {S.BACKBONE: backbone}
+        if BACKBONE_PROBE in g and g[BACKBONE_PROBE].notna().any() and CLASSES in g:
+            chance = 1.0 / float(g[CLASSES].dropna().iloc[0])
+            n = min(float(g[col].dropna().iloc[0]) for col in PROBE_N if col in g and g[col].notna().any())
+            se = float(np.sqrt(chance * (1 - chance) / n))
+            acc = float(g[BACKBONE_PROBE].mean())
+            row.update(probe=acc, chance=chance, probe_se=se, above_chance_se=(acc - chance) / se)
+        if all(c in g for c in RECON_GAIN):
+            for series, part in g.groupby(SERIES, sort=True):
+                gain = (part[RECON_GAIN[0]] - part[RECON_GAIN[1]]).dropna()
+                if len(gain):
+                    row[f"psnr_gain_db ({series})"] = float(gain.mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def floor_sentences(floors: pd.DataFrame, single_seed: bool) -> list[str]:
+    """Which backbones clear chance and which reconstructions the class-mean image, and what the run
+    can and cannot conclude from that."""
+    out = []
+    if "above_chance_se" in floors:
+        probed = floors.dropna(subset=["above_chance_se"])
+        clear = probed[probed["above_chance_se"] > 1]
+        miss = probed[probed["above_chance_se"] <= 1]
+        first = probed.iloc[0]
+        line = (f"Backbone probes against chance ({first['chance']:.3g}, binomial standard error "
+                f"{first['probe_se']:.2g}): above it by more than one standard error: "
+                f"{', '.join(f'{b} ({a:.3g})' for b, a in zip(clear[S.BACKBONE], clear['probe'])) or 'none'}")
+        if len(miss):
+            line += f"; not: {', '.join(f'{b} ({a:.3g})' for b, a in zip(miss[S.BACKBONE], miss['probe']))}"
+        out.append(line + ".")
+    for col in [c for c in floors.columns if c.startswith("psnr_gain_db")]:
+        gains = floors.dropna(subset=[col])
+        low = gains[gains[col] < RECOGNISABLE_DB]
+        series = col[col.index("(") + 1:-1]
+        listed = ", ".join(f"{b} {v:+.1f} dB" for b, v in zip(gains[S.BACKBONE], gains[col]))
+        verdict = (f"all at least {RECOGNISABLE_DB:g} dB, shapes rather than class-mean blobs" if low.empty else
+                   f"below {RECOGNISABLE_DB:g} dB (class-mean blobs rather than shapes): "
+                   f"{', '.join(map(str, low[S.BACKBONE]))}")
+        out.append(f"Reconstructions on {series} against the per-class mean image: {listed}; {verdict}.")
+    if out and single_seed:
+        out.append("What this run can conclude: which backbones clear these floors. What it cannot: which backbone "
+                   "is best, because each cell ran one seed and no difference between backbones has an interval; "
+                   "rank them with several seeds (sweeps/objectives.yaml runs three).")
+    return out
+
+
 def gather(runs: pd.DataFrame, *, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Evidence:
     """Every number and sentence of the study's answer, from a runs frame (`analysis.results.load_sweep`)."""
     metrics = headline_metrics(runs)
@@ -153,4 +216,6 @@ def gather(runs: pd.DataFrame, *, confidence: float = 0.95, n_boot: int = 2000, 
     table = headline_table(pipelines, metrics, confidence)
     single = bool(len(table)) and bool((table["seeds"] < 2).any())
     answer = answer_sentences(pipelines, metrics, tests, untested, verdict, 1 - confidence)
-    return Evidence(metrics, table, groups, tests, untested, preds, verdict, answer, single)
+    floors = floor_table(runs)
+    return Evidence(metrics, table, groups, tests, untested, preds, verdict, answer, single, floors,
+                    floor_sentences(floors, single))

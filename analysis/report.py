@@ -241,6 +241,8 @@ def blocks(ev: evidence.Evidence, notes: list[str], sections: list[Section],
            cfg: ReportConfig) -> list[Block]:
     """The report top-down: answer, scale and notes, the one table, figures, tests, predictors."""
     out = [Block("Answer", ev.answer, paragraph=True), Block("Scale and how to read it", notes),
+           Block("Above the floors: chance and the class-mean image", ev.floor_sentences,
+                 table=ev.floors if len(ev.floors) else None),
            Block("Results", table=ev.table if len(ev.table) else None,
                  sentences=[] if len(ev.table) else ["No run has a headline metric yet."]),
            Block("Figures")]
