@@ -413,8 +413,8 @@ def load_or_exit(cls: type[T], path: str | Path | None, overrides: list[str] | N
 
 
 def user_error(err: Exception, status: int = 2) -> int:
-    """A user's mistake (a bad config, a missing file) as one `error:` line on stderr; returns
-    the exit status that says so."""
+    """An error the user can act on (a bad config, a missing file, a busy controller) as one
+    `error:` line on stderr, not a traceback; returns the CLI's exit status for it."""
     print(f"error: {err}", file=sys.stderr)
     return status
 
