@@ -18,7 +18,6 @@ import argparse
 import base64
 import html
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,7 +30,7 @@ from analysis.figures import SERIES, Plot
 from analysis.results import describe, direction, load_sweep
 from analysis.screenshot import skipped_note
 from study import schema as S
-from study.config import ConfigError, load
+from study.config import ConfigError, cli_errors, load
 from study.spec import load_spec
 
 SCREENSHOT = Path(S.MLFLOW_SCREENSHOT)
@@ -341,6 +340,7 @@ def write_report(spec_path: str | Path, out_dir: Optional[str | Path] = None,
     return report(load_sweep(spec_path, experiment), Path(out_dir), cfg)
 
 
+@cli_errors(ConfigError, FileNotFoundError, LookupError, ValueError)
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="sweep spec YAML, study folder, or tracking URI (with --experiment)")
@@ -350,14 +350,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="report option, e.g. --set baseline=inhouse:none --set level=40")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per grid is noise
-    try:
-        cfg = load(ReportConfig, None, args.overrides)
-        if args.out is None and "://" in args.sweep:
-            raise ConfigError("a tracking URI needs --out DIR", source=args.sweep)
-        path = write_report(args.sweep, args.out, cfg, args.experiment)
-    except (ConfigError, FileNotFoundError, LookupError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load(ReportConfig, None, args.overrides)
+    if args.out is None and "://" in args.sweep:
+        raise ConfigError("a tracking URI needs --out DIR", source=args.sweep)
+    path = write_report(args.sweep, args.out, cfg, args.experiment)
     print(f"report: {path.resolve()}\n        {path.with_suffix('.md').resolve()}")
     return 0
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,7 @@ from analysis.figures import SERIES
 from analysis.report import ReportConfig, build_sections, markdown_table, scale_notes
 from analysis.results import direction, load_sweep
 from study import schema as S
-from study.config import ConfigError
+from study.config import ConfigError, cli_errors
 
 PAGE = "results.md"
 FOLDER = "results"  # next to the page: figures and the results file
@@ -166,6 +165,7 @@ def head_commit() -> str:
         return "unknown"
 
 
+@cli_errors(ConfigError, FileNotFoundError, LookupError, ValueError)
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.results_page", description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="study folder (or sweep spec) of the finished run")
@@ -176,12 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the predictor table")
     args = parser.parse_args(argv)
     command = args.command or f"python -m study.sweep {Path(args.study) / 'sweep.yaml'}"
-    try:
-        page = write_page(args.study, Path(args.out), command=command, commit=args.commit or head_commit(),
-                          cfg=ReportConfig(n_boot=args.n_boot))
-    except (ConfigError, FileNotFoundError, LookupError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    page = write_page(args.study, Path(args.out), command=command, commit=args.commit or head_commit(),
+                      cfg=ReportConfig(n_boot=args.n_boot))
     print(f"results page: {page.resolve()}")
     return 0
 

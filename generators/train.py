@@ -43,7 +43,7 @@ from generators.dit import DiT, DiTConfig
 from generators.flow import FlowConfig, flow_loss, sample_ode
 from generators.gpt import GPT, GPTConfig
 from generators.sampling import generate
-from study.config import ConfigError, bounded, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
+from study.config import ConfigError, bounded, cli_errors, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
 from study.training import Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, unwrap
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]  # (samples, labels, step) -> metrics
@@ -401,14 +401,13 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
                            blob.get("step", 0))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+@cli_errors(ConfigError)  # e.g. codes file / model shape mismatch
+def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(GeneratorRunConfig, argv, prog="python -m generators.train")
-    try:
-        _, metrics = train(cfg)
-    except ConfigError as err:  # e.g. codes file / model shape mismatch: one line, exit 2
-        raise SystemExit(f"error: {err}") from None
+    _, metrics = train(cfg)
     print(json.dumps(metrics, indent=1, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -409,5 +409,25 @@ def load_or_exit(cls: type[T], path: str | Path | None, overrides: list[str] | N
     try:
         return load(cls, path, overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(user_error(err)) from None
+
+
+def user_error(err: Exception, status: int = 2) -> int:
+    """An error the user can act on (a bad config, a missing file, a busy controller) as one
+    `error:` line on stderr, not a traceback; returns the CLI's exit status for it."""
+    print(f"error: {err}", file=sys.stderr)
+    return status
+
+
+def cli_errors(*errors: type[Exception]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator of a CLI's `main`: one of `errors` ends it as a `user_error` (exit status 2),
+    not as a traceback."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except errors as err:
+                return user_error(err)
+        return run
+    return wrap

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 from study import ledger, schema, tracking
 from study.backends import check_resources, make_backend, scale_summary
-from study.config import ConfigError, dump_yaml
+from study.config import ConfigError, dump_yaml, user_error
 from study.fsio import atomic_write_text
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               end_sweep_run, open_tracking, recorded_runs)
@@ -510,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = load_plan(args.spec, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     if command == "run" and args.dry_run:
         print(dry_run(plan, args.force, args.retry_failed, cells=args.list))
         return 0
@@ -520,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(plan, args.overrides, force=args.force, retry_failed=args.retry_failed,
                        detach=args.detach, quiet=args.quiet)
         except ControllerBusy as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 3
+            return user_error(err, status=3)
     if plan.spec.search:
         from study import search
         return search.report(plan, command)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer.decoder import Attention
 from tokenizer.deform_attn import MSDeformAttn
 
 
@@ -44,20 +45,16 @@ class LevelProjector(nn.Module):
         return self.net(x)  # (B, S, in_dim) -> (B, S, dim)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one qkv projection of its input (src + pos)."""
+class SelfAttention(Attention):
+    """The decoder's multi-head attention over the queries' src + pos (one qkv projection),
+    without dropout or a key/value prefix; causal or not is fixed per sampler."""
 
     def __init__(self, dim: int, n_heads: int, causal: bool):
-        super().__init__()
-        self.n_heads, self.causal = n_heads, causal
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, n_heads, attn_dropout=0.0)
+        self.causal = causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return super().forward(x, self.causal)[0]
 
 
 class FFN(nn.Module):

@@ -83,6 +83,10 @@ class MlflowServer:
     def __init__(self, root: str | os.PathLike, port: int | None = None, host: str = HOST,
                  workers: int = 1, startup_timeout: float = 180.0):
         self.root = Path(root).resolve()
+        self.db_path = self.root / "mlflow.db"
+        self.artifacts_dir = self.root / "artifacts"
+        self.state_file = self.root / "server.json"
+        self.log_file = self.root / "server.log"
         self.port = port
         self.host = host
         self.workers = workers
@@ -90,23 +94,6 @@ class MlflowServer:
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
         self._owned = False
-
-    # -- paths -------------------------------------------------------------------------
-    @property
-    def db_path(self) -> Path:
-        return self.root / "mlflow.db"
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def state_file(self) -> Path:
-        return self.root / "server.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "server.log"
 
     @property
     def url(self) -> str:

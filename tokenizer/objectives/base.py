@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from tokenizer.objectives.common import ema_update_
+from tokenizer.objectives.common import cosine_ramp, ema_update_
 
 
 REGISTRY: dict[str, type["Objective"]] = {}
@@ -38,9 +38,9 @@ class Objective(nn.Module):
                 raise TypeError(f"objective '{cls.name}' is declared twice ({REGISTRY[cls.name]} and {cls})")
             REGISTRY[cls.name] = cls
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, cfg: Any = None, image_size: Optional[int] = None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.cfg, self.image_size = backbone, cfg, image_size
 
     @classmethod
     def build(cls, backbone: nn.Module, cfg: Any, *, image_size: int, patch_size: int,
@@ -71,5 +71,16 @@ class Objective(nn.Module):
 
     # ---------------------------------------------------------------- export
     def export_backbone(self) -> nn.Module:
-        """The backbone that becomes the frozen VFM (the teacher's, for teacher objectives)."""
+        """The backbone that becomes the frozen VFM: the one its `exports` names."""
         return self.backbone
+
+
+class TeacherObjective(Objective):
+    """An objective with an EMA teacher: its config's `momentum` (start, end) is ramped on a
+    cosine, and where it `exports` the teacher, that is its `teacher_backbone`."""
+
+    def momentum(self, progress: float) -> float:
+        return cosine_ramp(*self.cfg.momentum, progress)
+
+    def export_backbone(self) -> nn.Module:
+        return self.teacher_backbone if self.exports == "teacher" else self.backbone

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from study.config import bounded
-from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, color_augment, cosine_ramp, make_teacher, mlp,
+from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, color_augment, make_teacher, mlp,
                                          rank, random_resized_crop, vit_tokens)
 
 
@@ -42,7 +42,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, labels) * 2 * temperature
 
 
-class MoCoV3(Objective):
+class MoCoV3(TeacherObjective):
     name, family, exports = "contrastive", "contrastive", "online"
     config = ContrastiveConfig
     deviations = (
@@ -53,8 +53,7 @@ class MoCoV3(Objective):
     )
 
     def __init__(self, backbone, cfg: ContrastiveConfig, image_size: int, patch_size: int):
-        super().__init__(backbone)
-        self.cfg, self.image_size = cfg, image_size
+        super().__init__(backbone, cfg, image_size)
         if cfg.freeze_patch_embed:  # stability trick of MoCo v3 for ViTs
             backbone.patch_embed.requires_grad_(False)
         d = backbone.embed_dim
@@ -65,9 +64,6 @@ class MoCoV3(Objective):
 
     def ema_pairs(self):
         return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
-
-    def momentum(self, progress: float) -> float:
-        return cosine_ramp(*self.cfg.momentum, progress)
 
     def view(self, images):
         return color_augment(random_resized_crop(images, self.image_size, self.cfg.crop_scale), self.cfg.color)

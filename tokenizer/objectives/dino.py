@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from study.config import bounded
-from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConfig, color_augment, cosine_ramp,
+from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConfig, color_augment,
                                          linear_warmup, make_teacher, random_resized_crop, vit_tokens)
 
 
@@ -76,7 +76,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- objective
-class DINO(Objective):
+class DINO(TeacherObjective):
     name, family, exports = "dino", "self-distillation", "teacher"
     config = DinoConfig
     deviations = (
@@ -90,9 +90,7 @@ class DINO(Objective):
     )
 
     def __init__(self, backbone, cfg: DinoConfig, image_size: int, patch_size: int):
-        super().__init__(backbone)
-        self.cfg = cfg
-        self.image_size = image_size
+        super().__init__(backbone, cfg, image_size)
         self.local_size = max(patch_size, round(image_size * cfg.local_size_ratio / patch_size) * patch_size)
         self.head = DINOHead(backbone.embed_dim, cfg.hidden, cfg.bottleneck, cfg.out_dim, cfg.head_layers)
         self.teacher_backbone = make_teacher(self.backbone)
@@ -101,12 +99,6 @@ class DINO(Objective):
 
     def ema_pairs(self):
         return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
-
-    def momentum(self, progress: float) -> float:
-        return cosine_ramp(*self.cfg.momentum, progress)
-
-    def export_backbone(self):
-        return self.teacher_backbone
 
     def views(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         c = self.cfg

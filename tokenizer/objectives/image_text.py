@@ -175,8 +175,7 @@ class ImageText(Objective):
         return cls(backbone, cfg.image_text, image_size, class_names)
 
     def __init__(self, backbone, cfg: ImageTextConfig, image_size: int, class_names: list[str]):
-        super().__init__(backbone)
-        self.cfg, self.image_size = cfg, image_size
+        super().__init__(backbone, cfg, image_size)
         self.vocab = CaptionVocab(list(class_names))
         self.image_proj = nn.Linear(backbone.embed_dim, cfg.embed_dim)
         self.text = TextTower(len(self.vocab), self.vocab.max_len, cfg.text_dim, cfg.text_depth,

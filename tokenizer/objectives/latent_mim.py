@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import bounded
-from tokenizer.objectives.base import Objective
-from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augment, cosine_ramp, make_teacher, num_prefix,
+from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augment, make_teacher, num_prefix,
                                          random_resized_crop, vit_blocks, vit_embed)
 
 
@@ -46,7 +46,7 @@ def layer_targets(layers: list[torch.Tensor], k: int, prefix: int) -> torch.Tens
     return F.layer_norm(avg, avg.shape[-1:])
 
 
-class LatentMIM(Objective):
+class LatentMIM(TeacherObjective):
     name, family, exports = "latent_mim", "latent-mim", "teacher"
     config = LatentMimConfig
     deviations = (
@@ -59,8 +59,7 @@ class LatentMIM(Objective):
     )
 
     def __init__(self, backbone, cfg: LatentMimConfig, image_size: int, patch_size: int):
-        super().__init__(backbone)
-        self.cfg, self.image_size = cfg, image_size
+        super().__init__(backbone, cfg, image_size)
         self.grid = (image_size // patch_size, image_size // patch_size)
         d = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -71,12 +70,6 @@ class LatentMIM(Objective):
 
     def ema_pairs(self):
         return [(self.teacher_backbone, self.backbone)]
-
-    def momentum(self, progress: float) -> float:
-        return cosine_ramp(*self.cfg.momentum, progress)
-
-    def export_backbone(self):
-        return self.teacher_backbone
 
     def forward(self, images, labels, progress):
         c = self.cfg

@@ -49,8 +49,8 @@ class MAE(Objective):
     )
 
     def __init__(self, backbone, cfg: MaeConfig, image_size: int, patch_size: int):
-        super().__init__(backbone)
-        self.cfg, self.image_size, self.patch = cfg, image_size, patch_size
+        super().__init__(backbone, cfg, image_size)
+        self.patch = patch_size
         grid = image_size // patch_size
         self.num_patches = grid * grid
         d = cfg.decoder_dim

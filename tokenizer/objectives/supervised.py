@@ -39,8 +39,7 @@ class Supervised(Objective):
         return cls(backbone, cfg.supervised, image_size, len(class_names))
 
     def __init__(self, backbone, cfg: SupervisedConfig, image_size: int, num_classes: int):
-        super().__init__(backbone)
-        self.cfg, self.image_size = cfg, image_size
+        super().__init__(backbone, cfg, image_size)
         self.classifier = nn.Linear(backbone.embed_dim, num_classes)
 
     def forward(self, images, labels, progress):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never stall on an unreachable hub from the CLI by default
 
 import torch  # noqa: E402
 
-from study.config import ConfigError  # noqa: E402
+from study.config import ConfigError, cli_errors  # noqa: E402
 
 from .backbone import MissingWeightsError, VFMSpec, build_vfm, describe  # noqa: E402
 from .registry import ENTRIES  # noqa: E402
@@ -48,6 +47,7 @@ def check(spec: VFMSpec, batch: int) -> str:
     ])
 
 
+@cli_errors(ConfigError, MissingWeightsError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer.vfm")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -62,12 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         print(list_table())
         return 0
-    try:
-        spec = VFMSpec(args.name, pretrained=args.pretrained, weights=args.weights, input_size=args.input_size)
-        print(check(spec, args.batch))
-    except (ConfigError, MissingWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    spec = VFMSpec(args.name, pretrained=args.pretrained, weights=args.weights, input_size=args.input_size)
+    print(check(spec, args.batch))
     return 0
 
 
