@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -109,13 +110,22 @@ class LocalBackend(Backend):
         cpu_ok = used_cpus + res.cpus * res.tasks <= self.cpus or not self.running
         return len(self.gpus) - len(busy) >= res.gpus and cpu_ok
 
+    def job_folder(self, name: str) -> Path:
+        """A new folder for one submission, created before any job starts. Not submitit's `%j`
+        folder: the local controller process opens `<pid>/<pid>_0_log.out` as soon as it starts,
+        and the submitting process creates `<pid>/` only after it has the pid, so a controller
+        scheduled first (a loaded machine) dies on a missing folder before the stage starts."""
+        parent = self.root / "submitit" / "local"
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{name.replace('/', '-')}-", dir=parent))
+
     def submit(self, fn, args, res, name, after=()):
         out = []
         for a in args:
             busy = {g for _, gpus, _ in self.running.values() for g in gpus}
             gpus = [g for g in self.gpus if g not in busy][: res.gpus]
             # LocalExecutor itself: AutoExecutor does not pass visible_gpus through
-            ex = submitit.LocalExecutor(folder=self.folder)
+            ex = submitit.LocalExecutor(folder=self.job_folder(name))
             extra = {k.removeprefix("local_"): v for k, v in self.spec.submitit.items() if k.startswith("local_")}
             ex.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus, visible_gpus=tuple(gpus),
                                  tasks_per_node=res.tasks, **extra)

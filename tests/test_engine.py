@@ -195,3 +195,33 @@ def test_free_slots_take_the_stage_more_stages_wait_on_first(tmp_path):
     plan = load_plan(path)
     started = sorted((s["started"], key.split("/")[0]) for key, s in statuses(plan).items())
     assert [kind for _, kind in started][:2] == ["toy_data", "toy_data"], started
+
+
+def _write_marker(path):
+    Path(path).write_text("ran")
+
+
+def test_local_job_log_folder_exists_before_its_controller_process_starts(tmp_path, monkeypatch):
+    """submitit's local controller opens its log file as soon as it starts; with a `%j` folder the
+    submitting process creates that folder only after it learns the pid, so on a loaded machine the
+    controller could die first and the stage was FAILED without having run. Checked at the moment
+    the controller process exists: its log folder must already be there."""
+    import submitit
+    import submitit.local.local as submitit_local
+    from study.spec import LauncherSpec, Resources
+
+    seen = []
+    real = submitit_local.start_controller
+
+    def watched(folder, *args, **kwargs):
+        process = real(folder, *args, **kwargs)
+        seen.append(submitit.core.utils.JobPaths(folder, str(process.pid), 0).stdout.parent.is_dir())
+        return process
+
+    monkeypatch.setattr(submitit_local, "start_controller", watched)
+    backend = make_backend(LauncherSpec(backend="local", max_parallel=1), tmp_path)
+    [job] = backend.submit(_write_marker, [(tmp_path / "marker",)], Resources(timeout_min=2), name="toy/abc")
+    job.handle.result()
+    assert seen == [True]
+    assert (tmp_path / "marker").read_text() == "ran"
+    assert Path(job.stdout).is_file()
