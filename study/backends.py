@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -58,6 +59,11 @@ class Backend:
     def release(self) -> None:
         """Forget jobs that finished (frees local slots)."""
 
+    def wait(self, seconds: float) -> None:
+        """The controller's pause between two looks at the ledger: `seconds`, or less where the
+        backend sees one of its jobs end sooner."""
+        time.sleep(seconds)
+
     def _params(self, res: Resources, name: str) -> dict:
         params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus, gpus_per_node=res.gpus,
                       nodes=res.nodes, tasks_per_node=res.tasks, mem_gb=res.mem_gb, name=name)
@@ -83,6 +89,9 @@ class DebugBackend(Backend):
         return False
 
 
+WAKE_S = 0.25  # how often a waiting controller looks whether a local job has ended
+
+
 class LocalBackend(Backend):
     """A slot pool over submitit's LocalExecutor: a GPU is given to one job at a time."""
     name = "local"
@@ -99,6 +108,16 @@ class LocalBackend(Backend):
         for job_id, (job, _, _) in list(self.running.items()):
             if job.done():
                 del self.running[job_id]
+
+    def wait(self, seconds: float) -> None:
+        """Returns as soon as a job of this pool ends, so that its slot is filled at once rather
+        than at the next poll (with a slot per core, a poll's wait is a core left idle)."""
+        self.release()
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if any(job.done() for job, _, _ in self.running.values()):
+                return
+            time.sleep(min(WAKE_S, left))
 
     def free(self, res: Resources) -> bool:
         self.release()

@@ -178,7 +178,7 @@ class Search:
             if not quiet and line.split("] ")[1] != shown:  # only changes, not one line a second
                 print(line, flush=True)
                 shown = line.split("] ")[1]
-            time.sleep(self.spec.launcher.poll_s)
+            self.backend.wait(self.spec.launcher.poll_s)
 
     def _ask(self) -> None:
         if self.s.seed is not None:

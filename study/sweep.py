@@ -435,7 +435,7 @@ def follow(plan: Plan, sched: Scheduler, quiet: bool = False, controller_elsewhe
         view.show(set(sched.progress.waiting))
         if not sched.pending() and not (controller_elsewhere and controller_running(plan)):
             break
-        time.sleep(plan.spec.launcher.poll_s)
+        sched.backend.wait(plan.spec.launcher.poll_s)
     return summary(plan, quiet)
 
 

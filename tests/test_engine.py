@@ -225,3 +225,23 @@ def test_local_job_log_folder_exists_before_its_controller_process_starts(tmp_pa
     assert seen == [True]
     assert (tmp_path / "marker").read_text() == "ran"
     assert Path(job.stdout).is_file()
+
+
+def _sleep_briefly():
+    time.sleep(0.5)
+
+
+def test_local_pool_wait_returns_when_a_job_ends_not_at_the_next_poll(tmp_path):
+    """The controller's pause ends as soon as a local job ends, so its slot does not sit idle for
+    the rest of poll_s; with no job running it is the whole pause."""
+    from study.spec import LauncherSpec, Resources
+
+    backend = make_backend(LauncherSpec(backend="local", max_parallel=1), tmp_path)
+    [job] = backend.submit(_sleep_briefly, [()], Resources(timeout_min=2), name="toy")
+    start = time.monotonic()
+    backend.wait(120)
+    assert job.handle.done()
+    assert time.monotonic() - start < 60  # a poll of 120 s would still be waiting
+    start = time.monotonic()
+    backend.wait(0.3)  # the ended job was released: nothing left to wake on
+    assert time.monotonic() - start >= 0.3
