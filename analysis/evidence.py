@@ -32,7 +32,7 @@ RECON_GAIN = (S.metric(S.TOK_EVAL, S.PSNR), S.metric(S.TOK_EVAL, S.PSNR_CLASS_ME
 RECOGNISABLE_DB = 4.0
 PROBE_N = ("params.pretrain.eval.val_samples", "params.data.val_size")  # the probe scores min() of these
 CLASSES = "params.data.num_classes"
-TEST_COLUMNS = [SERIES, "metric", "kruskal_h", "kruskal_p", "anova_f", "anova_p", "sentence"]
+TEST_COLUMNS = [SERIES, "metric", "kruskal_h", "kruskal_p", "anova_f", "anova_p", "runner_up", "top_two_p", "sentence"]
 
 
 @dataclass
@@ -94,7 +94,8 @@ def objective_tests(pipelines: dict[str, pd.DataFrame], metrics: list[str], conf
                 continue
             groups.append(test.groups.assign(**{SERIES: series, "metric": metric}))
             tests.append({SERIES: series, "metric": metric, "kruskal_h": test.kruskal_h, "kruskal_p": test.kruskal_p,
-                          "anova_f": test.anova_f, "anova_p": test.anova_p, "sentence": test.sentence})
+                          "anova_f": test.anova_f, "anova_p": test.anova_p, "runner_up": test.runner_up,
+                          "top_two_p": test.top_two_p, "sentence": test.sentence})
     group_frame = pd.concat(groups, ignore_index=True)[GROUP_COLUMNS] if groups else pd.DataFrame(columns=GROUP_COLUMNS)
     return group_frame, pd.DataFrame(tests, columns=TEST_COLUMNS), untested
 
@@ -128,7 +129,11 @@ def _answer_part(series: str, metric: str, data: pd.DataFrame, tests: pd.DataFra
     t = row.iloc[0]
     p = f"Kruskal-Wallis p = {t['kruskal_p']:.3g}, ANOVA p = {t['anova_p']:.3g}"
     if t["kruskal_p"] < alpha and t["anova_p"] < alpha:
-        return f"on {series} {best} is best (mean {mean:.4g}; the backbones differ, {p})"
+        if t["top_two_p"] < alpha:
+            return (f"on {series} {best} is best (mean {mean:.4g}; the backbones differ, {p}; ahead of the "
+                    f"runner-up {t['runner_up']}, Welch p = {t['top_two_p']:.3g})")
+        return (f"on {series} the backbones differ ({p}) but the best mean, {best} ({mean:.4g}), is not "
+                f"distinguishable from the runner-up {t['runner_up']} at this budget (Welch p = {t['top_two_p']:.3g})")
     if t["kruskal_p"] >= alpha and t["anova_p"] >= alpha:
         return f"on {series} the backbones are not distinguishable at this budget ({p}; best mean {best}, {mean:.4g})"
     return f"on {series} unresolved: the two tests disagree ({p}; best mean {best}, {mean:.4g})"

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.stats import mean_ci
+from analysis.stats import mean_ci, welch_p
 from study import schema as S
 
 MIN_BACKBONES = 3
@@ -210,6 +210,8 @@ class ObjectiveTest:
     anova_f: float
     anova_p: float
     sentence: str
+    runner_up: str = ""  # the second-best group, and Welch's p for best vs runner-up (nan: untested)
+    top_two_p: float = float("nan")
 
 
 def _group_intervals(values: dict[str, np.ndarray], group: str, confidence: float) -> pd.DataFrame:
@@ -220,8 +222,20 @@ def _group_intervals(values: dict[str, np.ndarray], group: str, confidence: floa
     return pd.DataFrame(rows, columns=[group, "mean", "low", "high", "n"])
 
 
+def top_two(values: dict[str, np.ndarray], groups: pd.DataFrame, group: str,
+            lower_is_better: Optional[bool]) -> tuple[str, float]:
+    """(runner-up, Welch's p of best vs runner-up): the groups differing does not make the best
+    mean better than the next one."""
+    if lower_is_better is None or len(groups) < 2:
+        return "", float("nan")
+    ranked = groups.sort_values("mean", ascending=lower_is_better)
+    best, second = ranked[group].iloc[0], ranked[group].iloc[1]
+    return str(second), welch_p(values[best], values[second])
+
+
 def _objective_sentence(metric: str, groups: pd.DataFrame, group: str, p_kw: float, p_anova: float,
-                        alpha: float, lower_is_better: Optional[bool]) -> str:
+                        alpha: float, lower_is_better: Optional[bool], runner_up: str = "",
+                        top_p: float = float("nan")) -> str:
     sizes = groups["n"]
     design = f"{len(groups)} {group}s x {sizes.min()}" + (f"-{sizes.max()}" if sizes.max() != sizes.min() else "") \
         + " seeds"
@@ -234,8 +248,10 @@ def _objective_sentence(metric: str, groups: pd.DataFrame, group: str, p_kw: flo
         return f"{metric} differs between {group}s ({tests})."
     ranked = groups.sort_values("mean", ascending=lower_is_better)
     best = ranked.iloc[0]
+    lead = ("ahead of" if top_p < alpha else "not distinguishable from") + f" the runner-up {runner_up} " \
+        f"(Welch p = {top_p:.3g})"
     return (f"{metric} differs between {group}s ({tests}); best: {best[group]} "
-            f"(mean {best['mean']:.3g}, interval {best['low']:.3g} to {best['high']:.3g}).")
+            f"(mean {best['mean']:.3g}, interval {best['low']:.3g} to {best['high']:.3g}), {lead}.")
 
 
 def between_objectives(runs: pd.DataFrame, metric: str, *, group: str = S.BACKBONE, alpha: float = 0.05,
@@ -253,5 +269,8 @@ def between_objectives(runs: pd.DataFrame, metric: str, *, group: str = S.BACKBO
         kw, anova = (np.nan, 1.0), (np.nan, 1.0)
     else:
         kw, anova = sps.kruskal(*samples), sps.f_oneway(*samples)
-    sentence = _objective_sentence(metric, groups, group, float(kw[1]), float(anova[1]), alpha, lower_is_better)
-    return ObjectiveTest(metric, groups, float(kw[0]), float(kw[1]), float(anova[0]), float(anova[1]), sentence)
+    runner_up, top_p = top_two(values, groups, group, lower_is_better)
+    sentence = _objective_sentence(metric, groups, group, float(kw[1]), float(anova[1]), alpha, lower_is_better,
+                                   runner_up, top_p)
+    return ObjectiveTest(metric, groups, float(kw[0]), float(kw[1]), float(anova[0]), float(anova[1]), sentence,
+                         runner_up, top_p)

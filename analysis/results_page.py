@@ -58,13 +58,19 @@ def paper_comparison(runs: pd.DataFrame, ev: evidence.Evidence, alpha: float) ->
         best = groups.sort_values("mean", ascending=direction(metric) == "min").iloc[0]
         family = families.get(best[S.BACKBONE], "?")
         resolved = test["kruskal_p"] < alpha and test["anova_p"] < alpha
-        agrees = PAPER_FAMILY in families.values and family == PAPER_FAMILY
-        if not resolved:
+        present = PAPER_FAMILY in families.values
+        tied = f"{best[S.BACKBONE]} is not distinguishable from the runner-up {test['runner_up']} " \
+               f"(Welch p = {test['top_two_p']:.3g})"
+        if not present:
+            verdict = "cannot test it (no such backbone)"
+        elif not resolved:
             verdict = "cannot confirm or refute it: the backbones are not distinguishable at this budget"
-        elif agrees:
-            verdict = "agrees with it"
+        elif not test["top_two_p"] < alpha:
+            paper_close = family == PAPER_FAMILY or families.get(test["runner_up"]) == PAPER_FAMILY
+            verdict = (f"is consistent with it but cannot confirm it: {tied}" if paper_close
+                       else f"disagrees with it: neither {best[S.BACKBONE]} nor the runner-up is of that family")
         else:
-            verdict = "disagrees with it" if PAPER_FAMILY in families.values else "cannot test it (no such backbone)"
+            verdict = "agrees with it" if family == PAPER_FAMILY else "disagrees with it"
         out.append(f"{series}: the best {metric} is {best[S.BACKBONE]} (family {family}, mean {best['mean']:.4g}); "
                    f"this run {verdict}.")
     return out or ["The claim cannot be checked: no between-objective test could run (see below)."]

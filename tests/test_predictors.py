@@ -140,6 +140,25 @@ def test_sentence_names_the_best_group_when_they_differ():
     assert "best: obj3" in higher.sentence
 
 
+def test_groups_that_differ_do_not_make_the_best_mean_better_than_the_runner_up():
+    """Two backbones far below two tied ones: the groups differ, but the best is named as tied with
+    the runner-up, with Welch's p of the two (scipy's) in the sentence."""
+    rng = np.random.default_rng(1)
+    level = {"obj0": 10.0, "obj1": 10.0, "obj2": 30.0, "obj3": 30.0}
+    runs = pd.DataFrame([{"backbone": g, "seed": s, "tok_eval/rfd_ref": v + rng.normal()}
+                         for g, v in level.items() for s in range(3)])
+    result = between_objectives(runs, "tok_eval/rfd_ref", lower_is_better=True)
+    assert result.kruskal_p < 0.05 and result.anova_p < 0.05
+    values = {g: d["tok_eval/rfd_ref"].to_numpy() for g, d in runs.groupby("backbone")}
+    best, runner_up = sorted(("obj0", "obj1"), key=lambda g: values[g].mean())
+    assert result.runner_up == runner_up
+    assert result.top_two_p == pytest.approx(stats.ttest_ind(values[best], values[runner_up], equal_var=False).pvalue)
+    assert result.top_two_p >= 0.05
+    assert f"not distinguishable from the runner-up {runner_up}" in result.sentence
+    clear = between_objectives(_objectives(shift=5.0), "tok_eval/rfd_ref", lower_is_better=True)
+    assert clear.top_two_p < 0.05 and "ahead of the runner-up obj1" in clear.sentence
+
+
 def test_between_objectives_needs_two_groups_and_a_seed_spread():
     runs = _objectives(shift=1.0)
     with pytest.raises(ValueError, match="at least 2 backbones"):
