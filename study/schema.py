@@ -134,3 +134,8 @@ def stage_config_artifact_dir(kind: str) -> str:
 ERROR = "error"  # tag of a failed cell run (or trial): "<stage kind>: <exception>"
 ERRORS_DIR = "errors"  # MLflow artifact folder of a failed run's traceback
 TRACEBACK_FILE = "traceback.txt"
+
+# --------------------------------------------------------------------------- manifest
+# the study's manifest (sweeps/<name>.json in the study folder): the list of runs that started
+# work, each with its command, commit and host (study.provenance)
+MANIFEST_PROVENANCE = "provenance"
