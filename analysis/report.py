@@ -2,7 +2,8 @@
 base64 PNG) and a Markdown twin (figures as files next to it).  It reads top-down:
 
 1. the answer and its uncertainty in two or three sentences (`analysis.evidence`);
-2. the run's scale, how intervals are computed, and the single-seed note, once;
+2. the run's scale and provenance (command, commit), how intervals are computed, and the
+   single-seed note, once;
 3. one table: each backbone x pipeline's headline metrics with their intervals;
 4. the figures, each with a one-line takeaway, then its details;
 5. the between-objective tests and the predictor table.
@@ -31,6 +32,7 @@ from analysis.results import describe, direction, load_sweep
 from analysis.screenshot import skipped_note
 from study import schema as S
 from study.config import ConfigError, cli_errors, load
+from study.provenance import Provenance
 from study.spec import load_spec
 
 SCREENSHOT = Path(S.MLFLOW_SCREENSHOT)
@@ -290,9 +292,34 @@ def render(title: str, parts: list[Block], screenshot: Optional[Path], out_dir: 
     return "\n".join(h), "\n".join(md)
 
 
-def scale_notes(runs: pd.DataFrame, ev: evidence.Evidence, cfg: ReportConfig) -> list[str]:
-    """The run's scale, how its numbers are made, and the single-seed note: said once, here."""
+def provenance_note(run: Optional[Provenance], earlier: list[Provenance]) -> str:
+    """The command and commit that produced the numbers (and commits of earlier runs whose cached
+    stages they may include)."""
+    if run is None:
+        return "Produced by: not recorded (the study's manifest predates the record of its runs)."
+    commit = f"`{run.commit}`" if run.commit else "none (the code was not a git checkout)"
+    text = f"Produced by `{run.command}` at commit {commit}"
+    text += " with uncommitted changes to tracked files" if run.dirty else ""
+    text += f", started {run.started}" if run.started else ""
+    text += f" on a host with {run.cpu_count} CPUs" if run.cpu_count else ""
+    others = sorted({r.commit for r in earlier if r.commit and r.commit != run.commit})
+    if others:
+        text += f". Earlier runs of this study, whose cached stages these results may include, ran at " \
+                f"{', '.join(f'`{c}`' for c in others)}"
+    return text + "."
+
+
+def latest_run(runs: pd.DataFrame) -> Optional[Provenance]:
+    recorded = runs.attrs.get("provenance") or []
+    return recorded[-1] if recorded else None
+
+
+def scale_notes(runs: pd.DataFrame, ev: evidence.Evidence, cfg: ReportConfig,
+                run: Optional[Provenance] = None) -> list[str]:
+    """The run's scale and provenance, how its numbers are made, and the single-seed note: said
+    once, here. `run` replaces the latest run the manifest records (the results page's flags)."""
     notes = [f"Scale: {describe(runs)}. Tracking store: {runs.attrs.get('tracking_uri')}.",
+             provenance_note(run or latest_run(runs), (runs.attrs.get("provenance") or [])[:-1]),
              f"Intervals: mean [low, high] or mean ± half-width, {_pct(cfg)} Student-t over seeds; with few seeds "
              f"the bootstrap p-values are coarse, so a ranking is called significant only when Welch's t-test agrees.",
              "fd_ref / rfd_ref are Fréchet distances in the project's reference-classifier feature space (an offline "

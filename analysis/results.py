@@ -9,7 +9,9 @@ Columns: `run_id run_name status cell` and the design tags (`backbone family see
 tokenizer_kind generator_kind num_queries sampler semantic`, typed; absent ones are left out),
 `pipeline` ("vfmtok+gpt"), `stage.<kind>` ids, `params.<key>` typed back from MLflow's strings,
 every final metric under its own name, and `best.<metric>` for metrics with a direction rule.
-`runs.attrs` keeps `tracking_uri`, `experiment`, `experiment_id` for histories and artifacts.
+`runs.attrs` keeps `tracking_uri`, `experiment`, `experiment_id` for histories and artifacts,
+and `provenance`: the runs of the sweep recorded in its manifest (study.provenance.Provenance,
+oldest first; empty when the source is a tracking URI or the manifest predates the record).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from study import ledger, schema as S
+from study import ledger, provenance, schema as S
 from study.spec import load_spec
 
 # design tags -> how to type them; `seed` falls back to the param the spec writes seeds to
@@ -52,18 +54,26 @@ def resolve_source(source: str | Path, experiment: Optional[str] = None) -> tupl
         if not experiment:
             raise ValueError(f"{text}: a tracking URI needs experiment=<sweep name>")
         return text, experiment
-    path = Path(text)
-    if path.is_dir():  # a study folder holds a copy of its spec
-        path = path / "sweep.yaml"
+    path = _spec_path(source)
     spec = load_spec(path)
     name = experiment or spec.tracking.experiment or spec.name
     return spec.tracking.uri or _study_uri(spec, path), name
 
 
+def _spec_path(source: str | Path) -> Path:
+    path = Path(source)
+    return path / "sweep.yaml" if path.is_dir() else path  # a study folder holds a copy of its spec
+
+
+def _roots(spec, spec_path: Path) -> tuple[Path, Path]:
+    """Where the study folder may be: spec.root is relative to where the sweep was launched, so
+    also the spec's own folder."""
+    return spec.root, spec_path.resolve().parent
+
+
 def _study_uri(spec, spec_path: Path) -> str:
-    """The URI the engine used: the manifest records it; else the sqlite file in the study folder
-    (spec.root is relative to where the sweep was launched, so also try the spec's own folder)."""
-    for root in (spec.root, spec_path.resolve().parent):
+    """The URI the engine used: the manifest records it; else the sqlite file in the study folder."""
+    for root in _roots(spec, spec_path):
         recorded = ledger.read_manifest(root, spec.name).get("tracking", {})
         if recorded.get("uri"):
             return recorded["uri"]
@@ -71,6 +81,19 @@ def _study_uri(spec, spec_path: Path) -> str:
             return f"sqlite:///{(root / 'mlflow.db').resolve()}"
     raise FileNotFoundError(f"{spec_path}: no MLflow store found for sweep '{spec.name}' "
                             f"(looked in {spec.root}/ and {spec_path.parent}/; set tracking.uri)")
+
+
+def recorded_runs(source: str | Path) -> list[provenance.Provenance]:
+    """The sweep runs the study's manifest records (command, commit, start, CPUs), oldest first."""
+    if "://" in str(source):
+        return []
+    path = _spec_path(source)
+    spec = load_spec(path)
+    for root in _roots(spec, path):
+        manifest = ledger.read_manifest(root, spec.name)
+        if manifest:
+            return provenance.recorded(manifest)
+    return []
 
 
 def client_for(uri: str):
@@ -89,7 +112,8 @@ def load_sweep(source: str | Path, experiment: Optional[str] = None) -> pd.DataF
     runs = [r for r in _all_runs(client, exp.experiment_id) if _is_cell(r)]
     frame = pd.DataFrame([_row(client, r) for r in runs])
     frame = _typed(frame) if len(frame) else pd.DataFrame(columns=["run_id", "run_name", "status", "cell"])
-    frame.attrs.update(tracking_uri=uri, experiment=name, experiment_id=exp.experiment_id)
+    frame.attrs.update(tracking_uri=uri, experiment=name, experiment_id=exp.experiment_id,
+                       provenance=recorded_runs(source))
     return frame
 
 

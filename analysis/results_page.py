@@ -1,8 +1,10 @@
 """The committed results page: docs/results.md, its figures under docs/results/, and
 docs/results/results.json holding every number the page shows.
 
-    python -m analysis.results_page STUDY_DIR --out docs --command "python -m study.sweep sweeps/objectives.yaml" \
-        --commit <sha of the commit the study ran at>
+    python -m analysis.results_page STUDY_DIR --out docs [--command "..."] [--commit SHA]
+
+The command and commit are the latest run's in the study's manifest (the sweep records them
+when it starts work); the flags replace them.
 
 The page is rendered from results.json alone (`render_page`), so a test can check that every
 number on the committed page is the one in the committed file.  It opens with the study's answer
@@ -13,9 +15,9 @@ between-objective tests, the predictor table and the figures with their takeaway
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -25,10 +27,11 @@ import pandas as pd
 
 from analysis import evidence
 from analysis.figures import SERIES
-from analysis.report import ReportConfig, build_sections, markdown_table, scale_notes
+from analysis.report import ReportConfig, build_sections, latest_run, markdown_table, scale_notes
 from analysis.results import direction, load_sweep
 from study import schema as S
 from study.config import ConfigError, cli_errors
+from study.provenance import Provenance
 
 PAGE = "results.md"
 FOLDER = "results"  # next to the page: figures and the results file
@@ -81,8 +84,21 @@ def _by_pipeline(ev: evidence.Evidence, metric: str) -> dict[tuple[str, str], pd
     return {(row[SERIES], metric): row for _, row in tests.iterrows()}
 
 
-def collect(runs: pd.DataFrame, fig_dir: Path, *, command: str, commit: str, cfg: ReportConfig) -> dict[str, Any]:
+def produced_by(runs: pd.DataFrame, command: Optional[str], commit: Optional[str]) -> Optional[Provenance]:
+    """The latest run the manifest records, with `command` / `commit` replacing its own when given
+    (a commit given by hand says nothing of uncommitted changes)."""
+    run = latest_run(runs)
+    if command is None and commit is None:
+        return run
+    base = run or Provenance(command="(not recorded)", commit=None, dirty=None, started=None, cpu_count=None)
+    return dataclasses.replace(base, command=command or base.command, commit=commit or base.commit,
+                               dirty=None if commit else base.dirty)
+
+
+def collect(runs: pd.DataFrame, fig_dir: Path, *, command: Optional[str] = None, commit: Optional[str] = None,
+            cfg: ReportConfig) -> dict[str, Any]:
     """Every number and sentence of the page, and the figures drawn into `fig_dir`."""
+    run = produced_by(runs, command, commit)
     ev = evidence.gather(runs, confidence=cfg.confidence, n_boot=cfg.n_boot, seed=cfg.seed)
     figures = []
     with tempfile.TemporaryDirectory(prefix="vfmstudy-results-") as tmp:  # artifacts downloaded there stay out of docs
@@ -93,8 +109,9 @@ def collect(runs: pd.DataFrame, fig_dir: Path, *, command: str, commit: str, cfg
                 entry["file"] = sec.plot.path.name
                 shutil.copyfile(sec.plot.path, fig_dir / sec.plot.path.name)
             figures.append(entry)
-    return {"study": runs.attrs.get("experiment"), "command": command, "commit": commit,
-            "confidence": cfg.confidence, "level": f"{cfg.confidence:.0%}", "answer": ev.answer, "notes": scale_notes(runs, ev, cfg),
+    return {"study": runs.attrs.get("experiment"), "provenance": dataclasses.asdict(run) if run else None,
+            "confidence": cfg.confidence, "level": f"{cfg.confidence:.0%}", "answer": ev.answer,
+            "notes": scale_notes(runs, ev, cfg, run),
             "table": _records(ev.table), "paper_claim": PAPER_CLAIM, "comparison": paper_comparison(runs, ev, 1 - cfg.confidence),
             "tests": _records(ev.tests), "groups": _records(ev.groups),
             "untested": [f"{series}, {metric}: {why}." for (series, metric), why in ev.untested.items()],
@@ -126,8 +143,8 @@ def render_page(results: dict[str, Any]) -> str:
     """The Markdown page, from the results file's content only."""
     pct = results["level"]
     lines = [f"# Results: {results['study']}", "",
-             f"Produced by `{results['command']}` at commit `{results['commit']}`. Every number on this page is in "
-             f"[`{FOLDER}/{RESULTS_FILE}`]({FOLDER}/{RESULTS_FILE}).", "",
+             f"Every number on this page is in [`{FOLDER}/{RESULTS_FILE}`]({FOLDER}/{RESULTS_FILE}); the command "
+             "and commit that produced them are stated with the run's scale.", "",
              "## Answer", "", *results["answer"], "",
              "## Scale and how to read it", "", *[f"- {n}" for n in results["notes"]], "",
              "## Results", "", _table(results["table"]), "",
@@ -148,7 +165,7 @@ def render_page(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_page(study: str | Path, out: Path, *, command: str, commit: str,
+def write_page(study: str | Path, out: Path, *, command: Optional[str] = None, commit: Optional[str] = None,
                cfg: Optional[ReportConfig] = None) -> Path:
     """Write <out>/results.md, <out>/results/*.png and <out>/results/results.json; return the page."""
     cfg = cfg or ReportConfig()
@@ -162,27 +179,17 @@ def write_page(study: str | Path, out: Path, *, command: str, commit: str,
     return page
 
 
-def head_commit() -> str:
-    """The repository's HEAD, for a page generated at the commit the study ran at."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 @cli_errors(ConfigError, FileNotFoundError, LookupError, ValueError)
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.results_page", description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="study folder (or sweep spec) of the finished run")
     parser.add_argument("--out", default="docs", help="folder of results.md (default: docs)")
-    parser.add_argument("--command", help="the command that produced the study (default: python -m study.sweep "
-                                          "<study>/sweep.yaml)")
-    parser.add_argument("--commit", help="the commit the study ran at (default: this repository's HEAD)")
+    parser.add_argument("--command", help="the command that produced the study (default: the latest run's, "
+                                          "from the study's manifest)")
+    parser.add_argument("--commit", help="the commit the study ran at (default: the latest run's, from the manifest)")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the predictor table")
     args = parser.parse_args(argv)
-    command = args.command or f"python -m study.sweep {Path(args.study) / 'sweep.yaml'}"
-    page = write_page(args.study, Path(args.out), command=command, commit=args.commit or head_commit(),
+    page = write_page(args.study, Path(args.out), command=args.command, commit=args.commit,
                       cfg=ReportConfig(n_boot=args.n_boot))
     print(f"results page: {page.resolve()}")
     return 0

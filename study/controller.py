@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from study import ledger, schema, tracking
+from study import ledger, provenance, schema, tracking
 from study.backends import Backend, Submitted, make_backend
 from study.config import flatten, to_dict
 from study.fsio import atomic_write_text
@@ -178,6 +178,12 @@ def open_tracking(plan: Plan, manifest: dict, fresh: bool = False) -> tuple[Opti
 
 def _run_book(plan: Plan) -> Path:
     return ledger.manifest_path(plan.root, plan.spec.name).with_suffix(".runs.jsonl")
+
+
+def record_start(plan: Plan, manifest: dict, command: str) -> None:
+    """A run that starts work adds its provenance (command, commit, start, CPUs) to the manifest."""
+    provenance.record(manifest, provenance.current(command))
+    ledger.write_json(ledger.manifest_path(plan.root, plan.spec.name), manifest)
 
 
 def recorded_runs(plan: Plan, manifest: dict) -> dict[str, str]:

@@ -97,6 +97,7 @@ GUIDANCE = "guidance_kind"  # cfg | autoguidance: what the *_guided metrics used
 # move by 0.1-0.2 between the two, so every generation metric carries it
 LABEL_SAMPLING = "label_sampling"
 EQUAL_PER_CLASS = "equal_per_class"
+RANDOM_LABELS = "random"  # as many labels, drawn uniformly at random with the eval seed
 DESIGN = {BACKBONE: str, FAMILY: str, SEED: int, TOKENIZER_KIND: str, GENERATOR_KIND: str,
           NUM_QUERIES: int, SAMPLER: str, SEMANTIC: bool, LABEL_SAMPLING: str}
 
@@ -133,3 +134,8 @@ def stage_config_artifact_dir(kind: str) -> str:
 ERROR = "error"  # tag of a failed cell run (or trial): "<stage kind>: <exception>"
 ERRORS_DIR = "errors"  # MLflow artifact folder of a failed run's traceback
 TRACEBACK_FILE = "traceback.txt"
+
+# --------------------------------------------------------------------------- manifest
+# the study's manifest (sweeps/<name>.json in the study folder): the list of runs that started
+# work, each with its command, commit and host (study.provenance)
+MANIFEST_PROVENANCE = "provenance"

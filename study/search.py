@@ -34,7 +34,7 @@ import optuna
 from study import ledger, schema, tracking
 from study.backends import Backend, make_backend
 from study.controller import (CellRuns, Scheduler, controller_lock, controller_running, end_sweep_run,
-                              first_failure, open_sweep_run, record_failure)
+                              first_failure, open_sweep_run, record_failure, record_start)
 from study.config import ConfigError
 from study.ledger import State
 from study.spec import CellDraft, SearchSpec, SweepSpec, set_path
@@ -291,7 +291,8 @@ def _check_metrics(plan: Plan) -> None:
                               f"({', '.join(plan.spec.stages)})", source=plan.source, key=key)
 
 
-def run(plan: Plan, overrides: list[str], quiet: bool = False) -> int:
+def run(plan: Plan, overrides: list[str], *, command: str, quiet: bool = False) -> int:
+    """`command`: the command line that started this run (the manifest records it when trials are asked)."""
     _check_metrics(plan)
     spec, s = plan.spec, plan.spec.search
     lock = controller_lock(plan)
@@ -306,6 +307,8 @@ def run(plan: Plan, overrides: list[str], quiet: bool = False) -> int:
         print(f"{spec.name}: search {s.sampler}, {len(study.get_trials(deepcopy=False, states=FINISHED))}/"
               f"{s.n_trials} trials finished, {len(search.live)} taken over, {search.todo} to ask ({backend.name})",
               flush=True)
+    if search.todo:
+        record_start(plan, manifest, command)
     try:
         search.loop(quiet)
     except KeyboardInterrupt:

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from study import ledger, schema, tracking
+from study import ledger, provenance, schema, tracking
 from study.backends import check_resources, make_backend, scale_summary
 from study.config import ConfigError, dump_yaml, user_error
 from study.fsio import atomic_write_text
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
-                              end_sweep_run, open_tracking, recorded_runs)
+                              end_sweep_run, open_tracking, record_start, recorded_runs)
 from study.ledger import ACTIVE, State
 from study.spec import load_spec, search_probes
 from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
@@ -307,13 +307,15 @@ class Follower:
 
 
 # --------------------------------------------------------------------------- commands
-def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, detach=False, quiet=False) -> int:
+def run(plan: Plan, overrides: list[str], *, command: str, force=False, retry_failed=False, detach=False,
+        quiet=False) -> int:
+    """`command`: the command line that started this run, recorded in the manifest when it starts work."""
     spec = plan.spec
     if detach and (spec.launcher.backend == "local" or spec.search):  # both need a live controller
         return _detach_local(plan, overrides, force, retry_failed)
     if spec.search:
         from study import search
-        return search.run(plan, overrides, quiet=quiet)
+        return search.run(plan, overrides, command=command, quiet=quiet)
     missing = missing_inputs(plan)
     if missing:
         print("error: missing input files, nothing was started:\n" + "\n".join(f"  - {m}" for m in missing),
@@ -342,6 +344,8 @@ def run(plan: Plan, overrides: list[str], *, force=False, retry_failed=False, de
         print(f"{spec.name}: {len(plan.cells)} cells, {len(plan.stages)} stages, "
               f"{len(plan.stages) - len(todo)} cached or running, {len(todo) - len(blocked)} to submit, "
               f"{len(blocked)} blocked by failed stages ({backend.name})", flush=True)
+    if len(todo) > len(blocked):
+        record_start(plan, manifest, command)
     sched.start(todo)
     if detach:
         print(f"detached. follow with: python -m study.sweep wait {plan.source}")
@@ -490,6 +494,7 @@ def collect(plan: Plan):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = provenance.sweep_command(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     parser = argparse.ArgumentParser(prog=f"python -m study.sweep {command}")
     parser.add_argument("spec", help="sweep YAML file")
@@ -516,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "run":
         try:
-            return run(plan, args.overrides, force=args.force, retry_failed=args.retry_failed,
+            return run(plan, args.overrides, command=command_line, force=args.force, retry_failed=args.retry_failed,
                        detach=args.detach, quiet=args.quiet)
         except ControllerBusy as err:
             return user_error(err, status=3)

@@ -161,6 +161,7 @@ def test_real_chain_measures_representation_properties_of_backbones_and_latents(
             values = real_runs[S.metric(kind, key)]
             assert values.notna().all() and np.isfinite(values.astype(float)).all(), (kind, key)
         assert (real_runs[S.metric(kind, S.MUTUAL_KNN)].between(0, 1)).all()
+        assert (real_runs[S.metric(kind, S.CKNNA)].between(-1, 1)).all()
         assert (real_runs[S.metric(kind, S.RANKME)] >= 1).all()
     # the two backbones differ, so do their properties (the reference space is shared)
     per_backbone = real_runs.groupby(S.BACKBONE)[S.metric(S.VFM, S.RANKME)].first()
@@ -205,6 +206,35 @@ def test_real_tok_eval_saves_sampling_points_and_gen_eval_records_label_sampling
         points[str(run[S.BACKBONE])] = path
     plot = sampling_points_figure(points, tmp_path)
     assert plot.missing is None and set(plot.numbers[S.BACKBONE]) == set(REAL_BACKBONES)
+
+
+def test_gen_eval_with_random_label_sampling_draws_unequal_classes_and_tags_the_mode(micro_study, real_runs, tmp_path):
+    """eval.label_sampling=random: as many labels, not equal per class for this seed, and the
+    stage, rerun on the micro study's generator, tags its metrics `random`."""
+    import torch
+    from study.config import from_dict
+    from study.pipeline.configs import EvalConfig, GenEvalStage
+    from study.pipeline.stages import eval_labels, run_gen_eval
+    from study.stages import StageContext, Upstream
+    from tests.real_chain import MICRO
+
+    base = MICRO["base"]
+    ev = from_dict(EvalConfig, {**base["eval"], "label_sampling": S.RANDOM_LABELS})
+    classes = base["data"]["num_classes"]
+    drawn = torch.bincount(eval_labels(ev, classes), minlength=classes)
+    assert drawn.sum() == classes * ev.samples_per_class and drawn.unique().numel() > 1, drawn
+    equal = from_dict(EvalConfig, base["eval"])
+    assert eval_labels(equal, classes).tolist() == [c for c in range(classes) for _ in range(equal.samples_per_class)]
+
+    run = real_runs[real_runs["pipeline"] == "vfmtok+gpt"].iloc[0]
+    stages = micro_study["root"] / "stages"
+    inputs = {}
+    for kind in (S.GENERATOR, S.TOKENIZER, S.REFERENCE):
+        folder = stages / kind / run[S.stage_tag(kind)]
+        inputs[kind] = Upstream(folder, read_stage_result(folder))
+    cfg = from_dict(GenEvalStage, {"data": base["data"], "eval": {**base["eval"], "label_sampling": S.RANDOM_LABELS}})
+    result = run_gen_eval(StageContext(cfg, tmp_path, inputs))
+    assert result.tags[S.LABEL_SAMPLING] == S.RANDOM_LABELS and result.metrics
 
 
 def test_real_histories_hold_the_generator_convergence_curve(real_runs):

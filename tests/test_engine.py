@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study import ledger
+from study import ledger, provenance
 from study.backends import make_backend
 from study.controller import Scheduler
 from study.ledger import State
@@ -53,6 +53,54 @@ def test_shared_stages_run_once_and_rerun_submits_nothing(tmp_path, capsys):
     main([path, "--dry-run", "--list"])
     out = capsys.readouterr().out
     assert out.count("[cached]") == 18 and "med" in out
+
+
+def test_manifest_records_command_commit_start_and_cpus_of_each_run_that_starts_work(tmp_path):
+    from datetime import datetime
+    path = write(tmp_path, base={"toy": {"train": {"steps": 4, "ema_decay": 0.0, "precision": "fp32", "log_every": 2,
+                                                   "ckpt_every": 4, "progress": False, "device": "cpu"}}})
+    before = int(time.time())
+    assert main([path, "--quiet"]) == 0
+    after = time.time()
+    plan = load_plan(path)
+    runs = provenance.recorded(ledger.read_manifest(plan.root, plan.spec.name))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO / "study", capture_output=True, text=True)
+    assert len(runs) == 1
+    assert runs[0].command == f"python -m study.sweep {path} --quiet"
+    assert runs[0].commit == (head.stdout.strip() if head.returncode == 0 else None)
+    assert runs[0].cpu_count == os.cpu_count()
+    started = datetime.fromisoformat(runs[0].started)
+    assert started.utcoffset().total_seconds() == 0 and before <= started.timestamp() <= after
+    # a re-run that finds everything cached adds no record; one that recomputes adds its own
+    assert main([path, "--quiet"]) == 0
+    assert len(provenance.recorded(ledger.read_manifest(plan.root, plan.spec.name))) == 1
+    assert main([path, "--quiet", "--force"]) == 0
+    again = provenance.recorded(ledger.read_manifest(plan.root, plan.spec.name))
+    assert [r.command for r in again] == [runs[0].command, f"python -m study.sweep {path} --quiet --force"]
+
+
+def test_manifest_commit_is_the_checkouts_head_and_dirty_only_for_changed_tracked_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never the repository around tmp_path
+    repo = tmp_path / "code"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert provenance.code_version(repo) == (head, False)
+    (repo / "untracked.py").write_text("y = 2\n")
+    assert provenance.code_version(repo) == (head, False)
+    (repo / "a.py").write_text("x = 2\n")
+    assert provenance.code_version(repo) == (head, True)
+    assert provenance.current("python -m study.sweep s.yaml", repo).commit == head
+    (tmp_path / "plain").mkdir()
+    assert provenance.code_version(tmp_path / "plain") == (None, None)
 
 
 def test_failing_cell_is_failed_with_traceback_others_finish_and_retry_failed(tmp_path, capsys):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from study.metrics.representation import (cknna, hsic_unbiased, mutual_knn, property_report, rankme,
-                                          spatial_structure)
+from study.metrics.representation import (cknna, knn_mask, mutual_knn, property_report, rankme, spatial_structure,
+                                          u_centred)
 
 
 def _smooth_maps(B=4, h=16, C=32, seed=0) -> torch.Tensor:
@@ -92,13 +92,64 @@ def _unbiased_cka(a: np.ndarray, b: np.ndarray) -> float:
     return float((ka * kb).sum() / np.sqrt((ka * ka).sum() * (kb * kb).sum()))
 
 
-def test_hsic_unbiased_equals_the_u_centred_inner_product():
+def _hsic_song(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator as Song et al. (2012) write it (diagonals ignored)."""
+    m = len(K)
+    K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
+    return ((K * L.T).sum() + K.sum() * L.sum() / ((m - 1) * (m - 2)) - 2 * (K @ L).sum() / (m - 2)) / (m * (m - 3))
+
+
+def test_u_centred_inner_product_is_the_unbiased_hsic():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 5))
-    K, L = x @ x.T, np.tanh(y @ y.T)
+    K, L = torch.as_tensor(x @ x.T), torch.as_tensor(np.tanh(y @ y.T))
     m = len(K)
-    expected = (_u_centred(K) * _u_centred(L)).sum() / (m * (m - 3))
-    assert float(hsic_unbiased(torch.as_tensor(K), torch.as_tensor(L))) == pytest.approx(expected, rel=1e-10)
+    assert float((u_centred(K) * u_centred(L)).sum() / (m * (m - 3))) == pytest.approx(float(_hsic_song(K, L)),
+                                                                                     rel=1e-10)
+    assert u_centred(K).numpy() == pytest.approx(_u_centred(K.numpy()), abs=1e-12)
+
+
+def test_cknna_equals_a_pairwise_loop_over_mutual_neighbours():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(25, 6))
+    b = a[:, :3] + 0.5 * rng.normal(size=(25, 3))
+    k = 6
+    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b)]
+    UK, UL = (_u_centred(u @ u.T) for u in unit)
+    near = [[set(np.argsort(-np.where(np.arange(25) == i, -np.inf, (u @ u.T)[i]))[:k]) for i in range(25)] for u in unit]
+    cross = sum(UK[i, j] * UL[i, j] for i in range(25) for j in near[0][i] & near[1][i])
+    own_k = sum(UK[i, j] ** 2 for i in range(25) for j in near[0][i])
+    own_l = sum(UL[i, j] ** 2 for i in range(25) for j in near[1][i])
+    assert cknna(a, b, k) == pytest.approx(cross / np.sqrt(own_k * own_l), rel=1e-10)
+
+
+def _mostly_one_code(n: int, distinct: int, dim: int, g: torch.Generator) -> torch.Tensor:
+    """Collapsed codes: n rows of one vector, `distinct` of them replaced by fresh ones, shuffled."""
+    x = torch.randn(1, dim, generator=g, dtype=torch.float64).repeat(n, 1)
+    x[:distinct] = torch.randn(distinct, dim, generator=g, dtype=torch.float64)
+    return x[torch.randperm(n, generator=g)]
+
+
+def _restricted_then_hsic(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """The reference code's order: restrict each kernel to the kNN pairs, then unbiased HSIC."""
+    A, B = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    K, L = A @ A.T, B @ B.T
+    mk, ml = knn_mask(K, k), knn_mask(L, k)
+    return float(_hsic_song(mk * ml * K, mk * ml * L) / (_hsic_song(mk * K, mk * K) * _hsic_song(ml * L, ml * L)).sqrt())
+
+
+def test_cknna_stays_within_one_on_collapsed_codes():
+    g = torch.Generator().manual_seed(0)
+    a, b = _mostly_one_code(30, 3, 16, g), _mostly_one_code(30, 2, 8, g)
+    assert _restricted_then_hsic(a, b, k=10) > 1  # the tied neighbourhoods break the restrict-first ratio
+    assert -1 <= cknna(a, b, k=10) <= 1
+    assert cknna(a, a, k=10) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cknna_is_zero_when_every_row_is_the_same():
+    g = torch.Generator().manual_seed(1)
+    same = torch.randn(1, 16, generator=g).repeat(50, 1)
+    assert cknna(same, torch.randn(50, 8, generator=g), k=5) == 0.0
 
 
 def test_cknna_with_all_neighbours_is_unbiased_linear_cka():

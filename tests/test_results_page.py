@@ -5,6 +5,7 @@ generator runs on the micro real chain's study and its output is checked the sam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from analysis.report import ReportConfig
-from analysis.results_page import FOLDER, PAGE, RESULTS_FILE, fmt, main, write_page
+from analysis.results import load_sweep
+from analysis.results_page import FOLDER, PAGE, RESULTS_FILE, fmt, main, produced_by, write_page
+from study import ledger, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "docs" / PAGE
@@ -69,7 +72,7 @@ def test_every_number_on_the_results_page_is_in_its_results_file(page):
         if figure["file"]:
             assert (docs / FOLDER / figure["file"]).is_file()
             assert f"({FOLDER}/{figure['file']})" in text
-    assert f"`{results['command']}`" in text and f"`{results['commit']}`" in text
+    assert f"`{results['provenance']['command']}`" in text and f"`{results['provenance']['commit']}`" in text
 
 
 def test_the_page_opens_with_the_answer_and_compares_with_the_paper(page):
@@ -86,6 +89,23 @@ def test_a_changed_number_on_the_page_is_caught(page):
     first = _shown_numbers(table)[0]
     tampered = head + "## Results\n" + table.replace(first, "987654.3", 1)
     assert [n for n in _shown_numbers(tampered) if n not in _numbers(results)] == ["987654.3"]
+
+
+def test_the_page_states_once_with_the_scale_the_command_and_commit_the_manifest_records(micro_study, tmp_path):
+    recorded = provenance.recorded(ledger.read_manifest(micro_study["root"], "micro"))
+    assert recorded and recorded[-1].command == f"python -m study.sweep {micro_study['spec']} --quiet"
+    latest = recorded[-1]
+    page = write_page(micro_study["root"], tmp_path, cfg=ReportConfig(n_boot=50))
+    results = json.loads((tmp_path / FOLDER / RESULTS_FILE).read_text())
+    assert results["provenance"] == dataclasses.asdict(latest)
+    text = page.read_text()
+    scale = text.split("## Scale and how to read it\n", 1)[1].split("\n## ", 1)[0]
+    for value in (latest.command, *([latest.commit] if latest.commit else [])):
+        assert text.count(f"`{value}`") == 1 and f"`{value}`" in scale, value
+    assert f"on a host with {latest.cpu_count} CPUs" in scale
+    # the flags replace what the manifest says; a commit given by hand says nothing of local changes
+    given = produced_by(load_sweep(micro_study["root"]), None, "f" * 40)
+    assert (given.command, given.commit, given.dirty) == (latest.command, "f" * 40, None)
 
 
 def test_cli_names_a_missing_study(tmp_path, capsys):

@@ -11,14 +11,20 @@ Definitions follow the published reference implementations, re-derived here:
   product, itself excluded) are found in both representations, and the score is the mean
   fraction of neighbours the two share; chance level is about k / (N - 1).
 - CKNNA (centered kernel nearest-neighbour alignment): linear kernels K = A A^T and L = B B^T
-  of the l2-normalised rows, restricted to the pairs (i, j) where j is among i's k nearest
-  neighbours (itself excluded) in both representations; alignment is the unbiased HSIC of the
-  two restricted kernels, normalised by the HSIC of each kernel restricted to its own
-  neighbourhoods.  1 for identical neighbourhood geometry, about 0 for independent
-  representations; invariant to orthogonal transforms and isotropic scaling of either side.
-  With k = N - 1 it is the unbiased linear CKA.  The reference pipeline also clamps outliers at
-  the 95th percentile of |x| before normalising; that is skipped here because it is not
-  rotation invariant.
+  of the l2-normalised rows are centred (the U-centring of the unbiased HSIC estimator), then
+  the centred products are summed over the pairs (i, j) where j is among i's k nearest
+  neighbours (itself excluded) in both representations; the sum is normalised by each centred
+  kernel's squares summed over its own neighbourhoods.  Centring before restricting makes the
+  score a Cauchy-Schwarz ratio (the mutual pairs are among each side's own), so it lies in [-1, 1].
+  The reference code restricts first and takes the unbiased HSIC of the restricted kernels;
+  those are asymmetric, so the HSIC of one with itself is no squared norm, and the mutual
+  pairs are fewer than either side's own, so with tied neighbourhoods (collapsed codes, many
+  identical rows) that ratio exceeds 1.  1 for identical neighbourhood geometry, about 0 for
+  independent representations, 0 when a centred kernel vanishes on its own neighbourhoods
+  (e.g. every row the same); invariant to orthogonal transforms and isotropic scaling of either
+  side.  With k = N - 1 it is the unbiased linear CKA.  The reference pipeline also clamps
+  outliers at the 95th percentile of |x| before normalising; that is skipped here because it
+  is not rotation invariant.
 - RankMe: exp of the entropy of the normalised singular values of the (uncentred) N x D
   embedding matrix, in [1, min(N, D)] (the same quantity as `probes.effective_rank`).
 
@@ -97,16 +103,15 @@ def mutual_knn(a, b, k: int = 10) -> float:
     return float(shared.sum(1).mean() / k)
 
 
-def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC estimator of Song et al. (2012) for (m, m) kernels, m >= 4; diagonals ignored."""
+def u_centred(K: torch.Tensor) -> torch.Tensor:
+    """Székely-Rizzo U-centring of an (m, m) symmetric kernel, m >= 4, diagonal ignored:
+    <U(K), U(L)> / (m (m - 3)) is the unbiased HSIC estimator of Song et al. (2012)."""
     m = len(K)
     if m < 4:
-        raise ValueError(f"unbiased HSIC needs at least 4 samples, got {m}")
-    K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
-    trace_term = (K * L.T).sum()
-    sums_term = K.sum() * L.sum() / ((m - 1) * (m - 2))
-    cross_term = 2 * (K @ L).sum() / (m - 2)
-    return (trace_term + sums_term - cross_term) / (m * (m - 3))
+        raise ValueError(f"U-centring needs at least 4 samples, got {m}")
+    K = K.clone().fill_diagonal_(0)
+    U = K - K.sum(0, keepdim=True) / (m - 2) - K.sum(1, keepdim=True) / (m - 2) + K.sum() / ((m - 1) * (m - 2))
+    return U.fill_diagonal_(0)
 
 
 def cknna(a, b, k: int = 10) -> float:
@@ -116,11 +121,16 @@ def cknna(a, b, k: int = 10) -> float:
     A, B = _paired(a, b)
     K, L = A @ A.T, B @ B.T
     mask_k, mask_l = knn_mask(K, k), knn_mask(L, k)
-    both = mask_k * mask_l
-    cross = hsic_unbiased(both * K, both * L)
-    self_k = hsic_unbiased(mask_k * K, mask_k * K)
-    self_l = hsic_unbiased(mask_l * L, mask_l * L)
-    return float(cross / (self_k * self_l).sqrt())
+    UK, UL = mask_k * u_centred(K), mask_l * u_centred(L)  # each restricted to its own neighbourhoods
+    if _vanishes(UK) or _vanishes(UL):
+        return 0.0
+    return float((UK * UL).sum() / ((UK ** 2).sum() * (UL ** 2).sum()).sqrt())
+
+
+def _vanishes(U: torch.Tensor) -> bool:
+    """Zero up to the rounding of U-centring's sums of N cosines (every row the same): such a
+    kernel shares no geometry with anything, and a ratio of it would be rounding noise."""
+    return bool(U.abs().max() <= 4 * len(U) * torch.finfo(U.dtype).eps)
 
 
 # --------------------------------------------------------------------------- rank

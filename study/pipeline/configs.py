@@ -15,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from study import schema as S
 from study.config import ConfigError, nonsemantic
@@ -69,6 +69,8 @@ class EvalConfig:
     probe_train: int = 1000  # train images whose tokenizer latents fit the linear probe
     probe_val: int = 500
     samples_per_class: int = 20  # generated images per class for gen_eval
+    # gen_eval's class labels: samples_per_class of each, or as many drawn uniformly at random
+    label_sampling: Literal[S.EQUAL_PER_CLASS, S.RANDOM_LABELS] = S.EQUAL_PER_CLASS
     guidance_scale: float = 1.5  # CFG (gpt) / AutoGuidance weight (dit) for the *_guided metrics
     convergence_samples: int = 100  # samples drawn at each generator evaluation (fd_ref vs step)
     seed: int = 0

@@ -246,11 +246,20 @@ def run_generator(ctx: StageContext) -> StageResult:
                        tags={S.GENERATOR_KIND: run.kind})
 
 
+def eval_labels(ev: EvalConfig, num_classes: int) -> torch.Tensor:
+    """gen_eval's class labels: `samples_per_class` of each class in order, or (random) as many
+    drawn uniformly at random with the eval seed."""
+    n = num_classes * ev.samples_per_class
+    if ev.label_sampling == S.RANDOM_LABELS:
+        return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(ev.seed))
+    return torch.arange(num_classes).repeat_interleave(ev.samples_per_class)
+
+
 @register_stage(S.GEN_EVAL, GenEvalStage, needs=(S.GENERATOR, S.TOKENIZER, S.REFERENCE))
 def run_gen_eval(ctx: StageContext) -> StageResult:
     """Samples per class without and with guidance (CFG for GPT, AutoGuidance for DiT):
     fd_ref, precision/recall and class consistency in the reference space [, gfid]; a grid.
-    Labels are drawn equally per class (`samples_per_class` of each), recorded as the cell's
+    The labels follow `eval.label_sampling` (`eval_labels`), recorded as the cell's
     label_sampling tag next to every generation metric."""
     cfg: GenEvalStage = ctx.config
     ev = cfg.eval
@@ -260,7 +269,7 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
     space = RefSpace(clf)
     val = build_dataset(cfg.data, "val")
     ref_features = space.features(val.images)
-    labels = torch.arange(cfg.data.num_classes).repeat_interleave(ev.samples_per_class)
+    labels = eval_labels(ev, cfg.data.num_classes)
     guided: dict[str, Any] = {"cfg_scale": ev.guidance_scale}
     if gen.cfg.kind == "dit" and gen.guide is not None:
         guided[_GUIDANCE_ARG] = "autoguidance"
@@ -276,6 +285,6 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
         out.update({S.guided(k) if guide else k: v for k, v in metrics.items()})
         if not guide:
             class_grid(images, labels.numpy(), ctx.dir / S.SAMPLES_PNG, num_classes=cfg.data.num_classes)
-    tags = {S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg"), S.LABEL_SAMPLING: S.EQUAL_PER_CLASS}
+    tags = {S.GUIDANCE: guided.get(_GUIDANCE_ARG, "cfg"), S.LABEL_SAMPLING: ev.label_sampling}
     return StageResult(metrics=out, tags=tags,
                        artifacts={S.GRIDS: [S.SAMPLES_PNG]})
