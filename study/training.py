@@ -3,7 +3,7 @@
 A model plugs in by implementing `TrainTask`: which modules are trainable, how each is
 optimised, the (deterministic, resumable) batch stream and the loss of one step.  The loop
 owns everything else: device and precision (bf16 autocast on CUDA), DDP under `torchrun`
-(gloo on CPU, NCCL on CUDA), EMA of the main module, gradient clipping, LR warmup/schedule,
+(gloo on CPU, NCCL on CUDA; `sharded` shares an evaluation's work out over the ranks), EMA of the main module, gradient clipping, LR warmup/schedule,
 atomic checkpoints with exact resume (model, optimisers, EMA, step, every rank's RNG), a
 progress bar, and metric callbacks through which the study engine (MLflow, Optuna pruning)
 observes training without the models knowing about it.

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from study import schema as S
 from study.training import init_distributed, rank_part, sharded
 
 # a rank's share goes through the same network as the whole batch, in smaller batches: float32
@@ -111,3 +112,49 @@ def test_codebook_usage_under_ddp_counts_every_ranks_ids(tmp_path):
     for got in on_ranks(2, tmp_path, _record_on_my_rank):
         assert torch.equal(got["recent"], one["recent"]) and int(got["cursor"]) == int(one["cursor"])
         assert got["usage"] == one["usage"] and got["perplexity"] == one["perplexity"]
+
+
+# --------------------------------------------------------------------------- the stages, end to end
+def _stage_metrics(spec: str, kind: str, upstream: str, tag: str, value: str, out: str, chunk: int) -> dict:
+    """The metrics of the micro study's `kind` stage whose `upstream` stage is tagged tag=value, run
+    again into `out` (label chunks of `chunk` rows, so that the 8 samples split into uneven chunks)."""
+    import generators.train
+    from study.stages import StageContext, get_kind
+    from study.sweep import load_plan
+    from study.worker import _inputs
+
+    generators.train.SAMPLE_CHUNK = chunk
+    plan = load_plan(spec)
+    found = [(st, _inputs(st, plan.root)) for st in plan.stages.values() if st.kind == kind]
+    stage, inputs = next((st, inp) for st, inp in found if inp[upstream].result.tags.get(tag) == value)
+    folder = Path(out, str(dist.get_rank() if dist.is_initialized() else 0))
+    folder.mkdir(parents=True, exist_ok=True)
+    return get_kind(kind).run(StageContext(stage.config, folder, inputs, [])).metrics
+
+
+@pytest.mark.parametrize("kind, upstream, tag, value", [
+    (S.TOK_EVAL, S.TOKENIZER, S.TOKENIZER_KIND, "vfmtok"),
+    (S.GEN_EVAL, S.GENERATOR, S.GENERATOR_KIND, "gpt"),
+    (S.GEN_EVAL, S.GENERATOR, S.GENERATOR_KIND, "dit"),
+])
+def test_an_evaluation_stage_on_two_ranks_gives_the_metrics_of_one(micro_study, tmp_path, kind, upstream, tag, value):
+    assert micro_study["code"] == 0
+    args = (str(micro_study["spec"]), kind, upstream, tag, value)
+    one = _stage_metrics(*args, str(tmp_path / "one"), 3)
+    two = on_ranks(2, tmp_path / "ranks", _stage_metrics, *args, str(tmp_path / "two"), 3)
+    assert two[1] == {}  # rank 1 computes its shares; rank 0 alone holds the metrics
+    assert sorted(two[0]) == sorted(one) and one
+    assert two[0] == pytest.approx(one, rel=METRIC_RTOL, abs=1e-6)
+
+
+def test_the_generators_fd_ref_curve_on_two_ranks_gives_the_value_of_one(micro_study, tmp_path):
+    """The GPT generator trained as 2 ranks: every rank enters its evaluations, draws its label chunks
+    and decodes its share of the samples for the fd_ref hook. Training itself differs from one rank's by
+    DDP's summation order only (tests/test_multirank.py); the tiny weight differences leave the tokens
+    drawn, and with them fd_ref, unchanged."""
+    assert micro_study["code"] == 0
+    args = (str(micro_study["spec"]), S.GENERATOR, S.TOKENIZER, S.TOKENIZER_KIND, "vfmtok")
+    one = _stage_metrics(*args, str(tmp_path / "one"), 3)
+    two = on_ranks(2, tmp_path / "ranks", _stage_metrics, *args, str(tmp_path / "two"), 3)
+    assert S.FD_REF not in two[1]  # the evaluation's metrics are rank 0's
+    assert two[0][S.FD_REF] == pytest.approx(one[S.FD_REF], rel=METRIC_RTOL)
