@@ -3,10 +3,11 @@
 A model plugs in by implementing `TrainTask`: which modules are trainable, how each is
 optimised, the (deterministic, resumable) batch stream and the loss of one step.  The loop
 owns everything else: device and precision (bf16 autocast on CUDA), DDP under `torchrun`
-(gloo on CPU, NCCL on CUDA; `sharded` shares an evaluation's work out over the ranks), EMA of the main module, gradient clipping, LR warmup/schedule,
-atomic checkpoints with exact resume (model, optimisers, EMA, step, every rank's RNG), a
-progress bar, and metric callbacks through which the study engine (MLflow, Optuna pruning)
-observes training without the models knowing about it.
+(gloo on CPU, NCCL on CUDA; `sharded` shares an evaluation's work out over the ranks), EMA of
+the main module, gradient clipping, LR warmup/schedule, atomic checkpoints with exact resume
+(model, optimisers, EMA, step, every rank's RNG), a progress bar, and metric callbacks through
+which the study engine (MLflow, Optuna pruning) observes training without the models knowing
+about it.
 
 Exact resume rests on two rules: the batch at step s depends only on (seed, s)
 (`study.data.make_loader(start_step=...)` does that), and every other random draw uses the
@@ -110,7 +111,7 @@ class TrainTask(ABC):
 
 
 class Callback:
-    """Observer of training, called on rank 0 only. Raise to stop training (e.g. pruning)."""
+    """Observer of training, called on rank 0 only (see on_every_rank). Raise to stop training (e.g. pruning)."""
 
     # True: part of training rather than an observer (state every rank needs), called on every rank
     on_every_rank: bool = False
