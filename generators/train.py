@@ -44,9 +44,11 @@ from generators.flow import FlowConfig, flow_loss, sample_ode
 from generators.gpt import GPT, GPTConfig
 from generators.sampling import generate
 from study.config import ConfigError, bounded, cli_errors, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
-from study.training import Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, unwrap
+from study.training import Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, sharded, unwrap
 
-SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]  # (samples, labels, step) -> metrics
+# (samples, labels, step) -> metrics; called on every rank with every sample, so that it can share its
+# work out (study.training.sharded); rank 0's metrics are kept
+SampleFn = Callable[[torch.Tensor, torch.Tensor, int], dict]
 
 
 # --------------------------------------------------------------------------- configs
@@ -130,6 +132,16 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+SAMPLE_CHUNK = 64  # labels drawn with one seed: the unit the ranks share out
+
+
+def label_chunks(labels: torch.Tensor, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """`labels` cut into chunks of SAMPLE_CHUNK, chunk i with the seed (seed, i): the samples of a
+    label do not depend on how many ranks draw the chunks."""
+    return [(labels[i:i + SAMPLE_CHUNK], _seed(seed, 5, i // SAMPLE_CHUNK))
+            for i in range(0, len(labels), SAMPLE_CHUNK)]
+
+
 def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
     m = cfg.model
     if cfg.data.source == "random":
@@ -176,6 +188,8 @@ def load_codes(cfg: GeneratorRunConfig) -> CodeSet:
 
 # --------------------------------------------------------------------------- task
 class GeneratorTask(TrainTask):
+    evaluates_on_every_rank = True  # the ranks share out the evaluation's samples (and sample_fn's work)
+
     def __init__(self, cfg: GeneratorRunConfig, sample_fn: Optional[SampleFn] = None):
         self.cfg = cfg
         self.sample_fn = sample_fn
@@ -299,8 +313,11 @@ class GeneratorTask(TrainTask):
         if sc.num_samples <= 0:
             return metrics
         m = self.cfg.model
-        labels = torch.arange(sc.num_samples, device=device) % m.num_classes
-        samples = self.sample(model, labels)
+        labels = torch.arange(sc.num_samples) % m.num_classes
+        chunks = label_chunks(labels, sc.seed)
+        samples = sharded(lambda part: torch.cat([self.sample(model, y, seed=seed).cpu() for y, seed in chunks[part]]),
+                          len(chunks), everywhere=True).to(device)
+        labels = labels.to(device)
         ref = self.codes.x[:4096].to(device)
         if self.cfg.kind == "gpt":
             counts = torch.bincount(samples.flatten(), minlength=m.vocab_size).float()
@@ -331,6 +348,7 @@ class GeneratorTask(TrainTask):
 class GuideSnapshot(Callback):
     """Keeps a frozen copy of the EMA model as the AutoGuidance guide at the first logged step
     >= `at_step` (so at a multiple of train.log_every)."""
+    on_every_rank = True  # every rank samples with the guide in the evaluations
 
     def __init__(self, task: GeneratorTask, at_step: int):
         self.task, self.at_step, self.trainer = task, at_step, None

@@ -3,10 +3,11 @@
 A model plugs in by implementing `TrainTask`: which modules are trainable, how each is
 optimised, the (deterministic, resumable) batch stream and the loss of one step.  The loop
 owns everything else: device and precision (bf16 autocast on CUDA), DDP under `torchrun`
-(gloo on CPU, NCCL on CUDA), EMA of the main module, gradient clipping, LR warmup/schedule,
-atomic checkpoints with exact resume (model, optimisers, EMA, step, every rank's RNG), a
-progress bar, and metric callbacks through which the study engine (MLflow, Optuna pruning)
-observes training without the models knowing about it.
+(gloo on CPU, NCCL on CUDA; `sharded` shares an evaluation's work out over the ranks), EMA of
+the main module, gradient clipping, LR warmup/schedule, atomic checkpoints with exact resume
+(model, optimisers, EMA, step, every rank's RNG), a progress bar, and metric callbacks through
+which the study engine (MLflow, Optuna pruning) observes training without the models knowing
+about it.
 
 Exact resume rests on two rules: the batch at step s depends only on (seed, s)
 (`study.data.make_loader(start_step=...)` does that), and every other random draw uses the
@@ -23,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -93,8 +94,12 @@ class TrainTask(ABC):
     def step(self, modules: dict[str, nn.Module], batch: Any, step: int) -> StepOutput:
         """Losses for one step. `modules` may be DDP-wrapped; call them, don't inspect them."""
 
+    # True: evaluate() runs on every rank, so that it can share its work out with `sharded`; the
+    # metrics kept are rank 0's
+    evaluates_on_every_rank: bool = False
+
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Periodic evaluation of the (EMA) main model on rank 0; default: nothing."""
+        """Periodic evaluation of the (EMA) main model on rank 0 (see evaluates_on_every_rank); default: nothing."""
         return {}
 
     def extra_state(self) -> dict:
@@ -106,7 +111,10 @@ class TrainTask(ABC):
 
 
 class Callback:
-    """Observer of training, called on rank 0 only. Raise to stop training (e.g. pruning)."""
+    """Observer of training, called on rank 0 only (see on_every_rank). Raise to stop training (e.g. pruning)."""
+
+    # True: part of training rather than an observer (state every rank needs), called on every rank
+    on_every_rank: bool = False
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -128,6 +136,37 @@ def init_distributed() -> tuple[int, int, int]:
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return rank, world, local
+
+
+T = TypeVar("T")
+
+
+def rank_part(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of n items; the shares differ in size by at most one."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def sharded(fn: Callable[[slice], T], n: int, everywhere: bool = False) -> Optional[T]:
+    """fn over n items, shared out over the ranks of the stage: each rank computes fn(its slice of
+    range(n)) and the parts (CPU arrays or tensors, or tuples of them) are joined in item order, on
+    rank 0 or, with `everywhere`, on every rank; the other ranks get None. One rank: fn(slice(0, n))."""
+    rank, world, _ = init_distributed()
+    if world == 1:
+        return fn(slice(0, n))
+    part = rank_part(n, rank, world)
+    mine = fn(part) if part.stop > part.start else None  # fn never sees an empty share
+    parts = [None] * world if everywhere or rank == 0 else None
+    if everywhere:
+        dist.all_gather_object(parts, mine)
+    else:
+        dist.gather_object(mine, parts, dst=0)
+    return None if parts is None else _join([p for p in parts if p is not None])
+
+
+def _join(parts: list) -> Any:
+    if isinstance(parts[0], tuple):
+        return tuple(_join(list(column)) for column in zip(*parts))
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else np.concatenate(parts)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -349,11 +388,17 @@ class Trainer:
             logs = dict(zip(keys, (vec / self.world).tolist()))
         return logs
 
+    def _here(self) -> list[Callback]:
+        """The callbacks this rank calls: all on rank 0, those marked on_every_rank on the others."""
+        return [cb for cb in self.callbacks if self.is_main or cb.on_every_rank]
+
     def _evaluate(self) -> dict[str, float]:
-        if not self.is_main:
+        if not (self.is_main or self.task.evaluates_on_every_rank):
             return {}
         with torch.no_grad(), self.autocast():
             metrics = self.task.evaluate(self.eval_model, self.step)
+        if not self.is_main:
+            return {}
         if metrics:
             for cb in self.callbacks:
                 cb.on_eval(self.step, metrics)
@@ -362,9 +407,8 @@ class Trainer:
     def fit(self) -> nn.Module:
         """Train to `cfg.steps` (resuming if a checkpoint exists); return the EMA main module."""
         cfg = self.cfg
-        if self.is_main:
-            for cb in self.callbacks:
-                cb.on_train_start(self)
+        for cb in self._here():
+            cb.on_train_start(self)
         batches = self.task.batches(self.step, self.rank, self.world)
         bar = None
         if self.is_main and cfg.progress and self.step < cfg.steps:
@@ -390,11 +434,10 @@ class Trainer:
                 logs["lr"] = self.optimizers[self.main_name].param_groups[0]["lr"]
                 self.last_metrics = logs
                 window_start, window_steps = time.perf_counter(), 0
-                if self.is_main:
-                    for cb in self.callbacks:
-                        cb.on_step(self.step, logs)
-                    if bar is not None:
-                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+                for cb in self._here():
+                    cb.on_step(self.step, logs)
+                if bar is not None:
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
             if bar is not None:
                 bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -406,8 +449,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = {**self.last_metrics, **self._evaluate()}
-        if self.is_main:
-            for cb in self.callbacks:
-                cb.on_train_end(self.step, final)
+        for cb in self._here():
+            cb.on_train_end(self.step, final)
         self.final_metrics = final
         return self.eval_model

@@ -6,7 +6,8 @@ the stage's curves and result to MLflow, and on preemption marks the stage PREEM
 submitit requeue the same job, which resumes from the stage's last checkpoint.
 
 A job of several ranks (resources nodes x tasks_per_node) runs the stage function on every
-rank inside one torch.distributed group (the Trainer shards batches and averages gradients);
+rank inside one torch.distributed group (the Trainer shards batches and averages gradients;
+evaluation passes are shared out with study.training.sharded, rank 0 computing the metrics);
 only rank 0 writes the ledger and MLflow, and the Trainer writes checkpoints on rank 0 only.
 After a requeue every rank resumes from that same checkpoint.
 """

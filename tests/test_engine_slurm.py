@@ -105,7 +105,7 @@ def test_two_rank_tokenizer_requeued_mid_run_ends_as_the_uninterrupted_run(tmp_p
     assert not status.get("errors")
 
     want, got = final_weights(tokenizer_stage_dir(ref)), final_weights(sdir)
-    # all of them, the quantizer's usage buffer too: rank 0 saves and restores its own
+    # all of them, the quantizer's usage buffer too (every rank's ids; rank 0 saves it, every rank restores it)
     assert all(torch.allclose(got[k].float(), v.float(), atol=WEIGHT_ATOL) for k, v in want.items())
     # one cell run; a step replayed after the requeue logs the value it logged before
     curves = loss_curves(path)

@@ -23,10 +23,9 @@ from tests.real_chain import MICRO
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 STEPS = 4
-# the quantizer's buffer of recently used codes (and its write cursor) records the codes of its own
-# rank only: on rank 0, half of each global batch (a limit of the usage statistics under DDP, not
-# of training)
-RANK_LOCAL = {"quantizer.recent", "quantizer.cursor"}
+# the quantizer's buffer of recently used codes records every rank's codes of the global batch: codes
+# of weights equal to WEIGHT_ATOL, so compared like the exported codes below
+USAGE_BUFFER = "quantizer.recent"
 
 
 def tokenizer_spec(root: Path, launcher: dict, tokenizer_res: dict | None = None, steps: int = STEPS) -> str:
@@ -84,9 +83,11 @@ def test_two_local_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
 
     ref_w, got_w = final_weights(tokenizer_stage_dir(one)), final_weights(tokenizer_stage_dir(two))
     for name, tensor in ref_w.items():
-        if name in RANK_LOCAL:
-            continue
-        assert torch.allclose(got_w[name], tensor, atol=WEIGHT_ATOL), name
+        if name == USAGE_BUFFER:  # the same slots filled (1 rank: the whole global batch), nearly the same codes
+            filled = tensor >= 0
+            assert torch.equal(got_w[name] >= 0, filled) and (got_w[name][filled] == tensor[filled]).float().mean() > 0.95
+        else:
+            assert torch.allclose(got_w[name], tensor, atol=WEIGHT_ATOL), name
     # the export is shared out over the ranks and merged by rank 0: the same rows, and codes from
     # weights equal to the tolerance above
     codes = [torch.load(tokenizer_stage_dir(p) / S.CODES_FILE, weights_only=True) for p in (one, two)]

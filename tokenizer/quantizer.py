@@ -4,7 +4,7 @@ CosineVQ (method §1.2, LlamaGen-style): z and the codebook are l2-normalised an
 code is the argmax of cosine similarity; straight-through gradient; loss = codebook term
 ||sg(z) - e||^2 + beta * ||z - sg(e)||^2 with beta 0.25; no EMA codebook, no entropy term.
 Codebook init U(-1/n, 1/n), then normalised.  Usage is measured, as in the paper's code, over a
-rolling buffer of recent indices; perplexity (never computed by the official code) is
+rolling buffer of recent indices (under DDP, every rank's indices of the global batch); perplexity (never computed by the official code) is
 exp(entropy) of the code histogram in that buffer, so 1 <= perplexity <= min(n, filled slots).
 
 ContinuousBottleneck (VFMAE §2.1): GroupNorm -> SiLU -> 1x1 conv to `latent_channels` on the
@@ -18,6 +18,7 @@ import math
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -60,6 +61,12 @@ class CosineVQ(nn.Module):
 
     @torch.no_grad()
     def _record(self, ids: torch.Tensor) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # each rank holds an equal share of the global batch: record all of it, in rank order,
+            # so that usage / perplexity describe the global batch and every rank's buffer is the same
+            parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, ids.contiguous())
+            ids = torch.cat(parts)
         flat = ids.flatten()[-self.recent.numel():]
         n, size = flat.numel(), self.recent.numel()
         pos = (self.cursor + torch.arange(n, device=flat.device)) % size

@@ -35,13 +35,13 @@ from study.metrics.probes import linear_probe
 from study.metrics.reference import ReferenceClassifier, class_consistency
 from study.metrics.representation import property_report
 from study.pipeline.reference import train_reference_classifier
-from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
+from study.pipeline.configs import (GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
                                     TokenizerStage, VFMStage, assemble, check_backbone, check_generator,
                                     check_tokenizer, generator_config, inhouse_objective, missing_data,
                                     missing_tokenizer_inputs, spec_missing, tokenizer_config)
 from study.stages import StageContext, StageResult, register_stage
-from study.training import init_distributed
-from generators.train import load_generator, train as train_generator
+from study.training import init_distributed, sharded
+from generators.train import label_chunks, load_generator, train as train_generator
 from tokenizer.pretrain import PretrainConfig, evaluate_backbone, pretrain
 from tokenizer.export import merge_code_shards, write_code_shards
 from tokenizer.sampling_points import sampling_points
@@ -54,6 +54,9 @@ PROPERTY_IMAGES = 256  # val images the representation properties are measured o
 PROPERTY_K = 10  # neighbours of mutual kNN / CKNNA
 PROPERTY_FAR = 6  # spatial structure's far pairs: this many grid steps apart (or the grid's largest distance)
 POINT_IMAGES = 4  # val images whose sampling points tok_eval saves for the figure
+# what a rank other than 0 returns from a stage whose evaluation it shares: the worker writes nothing
+# of it (rank 0 computes the metrics from every rank's part)
+FOLLOWER = StageResult()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -121,14 +124,19 @@ def run_vfm(ctx: StageContext) -> StageResult:
         pre.train = dataclasses.replace(pre.train, out_dir=str(ctx.dir / "pretrain"))
         path, found = pretrain(pre, ctx.callbacks)
         spec = dataclasses.replace(spec, weights=str(Path(path).resolve()))
-    vfm = build_vfm(spec)
-    if not set(S.BACKBONE_EVAL) <= set(found):
+    vfm = build_vfm(spec).to(_device())
+    clf = _reference(ctx)
+    images, _ = _val_images(cfg.data, min(cfg.pretrain.eval.val_samples, PROPERTY_IMAGES))
+    features = sharded(lambda part: (_batched(vfm.final_tokens, to_tensor_images(images[part]),
+                                              cfg.pretrain.eval.batch_size), clf.features(images[part])), len(images))
+    if features is None:
+        return FOLLOWER
+    patches, reference = features
+    if not set(S.BACKBONE_EVAL) <= set(found):  # the probes: rank 0 alone
         found = {**found, **evaluate_backbone(vfm, cfg.data, cfg.pretrain.eval)}
     metrics = {new: found[old] for old, new in S.BACKBONE_EVAL.items() if old in found}
     metrics[S.NUM_PARAMS] = vfm.num_params
-    images, _ = _val_images(cfg.data, min(cfg.pretrain.eval.val_samples, PROPERTY_IMAGES))
-    patches = _batched(vfm.to(_device()).final_tokens, to_tensor_images(images), cfg.pretrain.eval.batch_size)
-    metrics.update(_properties(patches.unflatten(1, vfm.grid), _reference(ctx).features(images)))
+    metrics.update(_properties(patches.unflatten(1, vfm.grid), reference))
     return StageResult(metrics=metrics, outputs={SPEC: to_dict(spec)},
                        tags={S.BACKBONE: cfg.vfm.name, S.FAMILY: vfm.family})
 
@@ -166,18 +174,30 @@ def _export_sharded(model, dataset, path: Path, views: int, seed: int) -> None:
 def run_tok_eval(ctx: StageContext) -> StageResult:
     """Reconstruction quality (psnr, ssim, rfd_ref [, rfid]), codebook use, a linear probe on the
     tokenizer's latents and their representation properties, a reconstruction grid, and the
-    queries' sampling points on a few val images (region sampler only)."""
+    queries' sampling points on a few val images (region sampler only). The ranks of the stage share
+    out the encoding, decoding and feature passes; rank 0 computes the metrics."""
     cfg: TokEvalStage = ctx.config
     ev = cfg.eval
     tokenizer = load_tokenizer(ctx.inputs[S.TOKENIZER].dir, map_location=_device())
-    images, labels = _val_images(cfg.data, ev.recon_images)
-    codes = _batched(tokenizer.encode, to_tensor_images(images), ev.batch_size)
-    recon = _decode(tokenizer, codes, ev.batch_size)
     clf = _reference(ctx)
+    images, labels = _val_images(cfg.data, ev.recon_images)
+
+    def reconstruct(part: slice):
+        codes = _batched(tokenizer.encode, to_tensor_images(images[part]), ev.batch_size)
+        recon = _decode(tokenizer, codes, ev.batch_size)
+        return codes, recon, clf.features(images[part]), clf.features(recon)
+
+    recons = sharded(reconstruct, len(images))
+    probe = [_probe_features(tokenizer, cfg.data, split, n, ev.batch_size)
+             for split, n in (("train", ev.probe_train), ("val", ev.probe_val))]
+    if recons is None:
+        return FOLLOWER
+    codes, recon, ref_images, ref_recon = recons
     train = build_dataset(cfg.data, "train")
     out = {S.PSNR: psnr(images, recon), S.PSNR_CLASS_MEAN: class_mean_psnr(train.images, train.labels, images, labels),
-           S.SSIM: ssim(images, recon),
-           S.RFD_REF: distribution_metrics(RefSpace(clf), recon, images)[S.FD_REF]}
+           S.SSIM: ssim(images, recon), S.PROBE_ACC: linear_probe(*probe[0], *probe[1])["linear_acc"],
+           S.RFD_REF: distribution_metrics(RefSpace(clf), ref_recon, ref_images, gen_is_features=True,
+                                           ref_is_features=True)[S.FD_REF]}
     if ev.inception_weights:  # the real rFID (reconstructions vs originals), only with the real weights
         from study.metrics.fid import InceptionConfig, rfid
         out.update(rfid(recon, images, InceptionConfig(weights_path=ev.inception_weights)))
@@ -186,9 +206,8 @@ def run_tok_eval(ctx: StageContext) -> StageResult:
         out.update({new: stats[old] for old, new in S.CODEBOOK.items()})
     else:
         out.update({S.LATENT_MEAN: float(codes.mean()), S.LATENT_STD: float(codes.std())})
-    out[S.PROBE_ACC] = _latent_probe(tokenizer, cfg.data, ev)
     few = slice(PROPERTY_IMAGES)
-    out.update(_properties(_latent_map(tokenizer, codes[few]), clf.features(images[few])))
+    out.update(_properties(_latent_map(tokenizer, codes[few]), ref_images[few]))
     reconstruction_grid(images[:8], recon[:8], ctx.dir / S.RECONSTRUCTIONS_PNG)
     artifacts = {S.GRIDS: [S.RECONSTRUCTIONS_PNG]}
     if tokenizer.cfg.sampler == "region":
@@ -208,27 +227,30 @@ def _latent_map(tokenizer, codes: torch.Tensor) -> torch.Tensor:
     return codes.permute(0, 2, 3, 1)
 
 
-@torch.no_grad()
-def _latent_probe(tokenizer, data: DataConfig, ev: EvalConfig) -> float:
-    """Linear-probe accuracy on the flattened tokenizer latents (code vectors for VFMTok)."""
-    def features(split: str, n: int):
-        ds = build_dataset(data, split)
-        codes = _batched(tokenizer.encode, to_tensor_images(ds.images[:n]), ev.batch_size)
-        return _latent_map(tokenizer, codes).flatten(1).float().numpy(), ds.labels[:n]
-
-    (xtr, ytr), (xva, yva) = features("train", ev.probe_train), features("val", ev.probe_val)
-    return linear_probe(xtr, ytr, xva, yva)["linear_acc"]
+def _probe_features(tokenizer, data: DataConfig, split: str, n: int,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flattened tokenizer latents (code vectors for VFMTok) of the first n images of `split` and
+    their labels, for the linear probe; the ranks share the images out (None on ranks other than 0)."""
+    ds = build_dataset(data, split)
+    n = min(n, len(ds.labels))
+    features = sharded(lambda part: _latent_map(tokenizer, _batched(tokenizer.encode, to_tensor_images(ds.images[part]),
+                                                                    batch_size)).flatten(1).float().numpy(), n)
+    return None if features is None else (features, ds.labels[:n])
 
 
 def _fd_ref_hook(tokenizer, clf: ReferenceClassifier, reference: np.ndarray, batch_size: int):
     """sample_fn for the generator: fd_ref of decoded samples vs val images at each evaluation
-    (the convergence curve: generation quality vs training step)."""
+    (the convergence curve: generation quality vs training step). Every rank calls it with every
+    sample; the ranks share out the decoding and the feature passes, rank 0 returns the metric."""
     space = RefSpace(clf)
-    ref_features = space.features(reference)
+    ref_features = sharded(lambda part: space.features(reference[part]), len(reference))
 
     def hook(samples: torch.Tensor, labels: torch.Tensor, step: int) -> dict:
-        images = _decode(tokenizer, samples, batch_size)
-        return {S.FD_REF: distribution_metrics(space, images, ref_features, ref_is_features=True)[S.FD_REF]}
+        features = sharded(lambda part: space.features(_decode(tokenizer, samples[part], batch_size)), len(samples))
+        if features is None:
+            return {}
+        return {S.FD_REF: distribution_metrics(space, features, ref_features, gen_is_features=True,
+                                               ref_is_features=True)[S.FD_REF]}
     return hook
 
 
@@ -259,8 +281,10 @@ def eval_labels(ev: EvalConfig, num_classes: int) -> torch.Tensor:
 def run_gen_eval(ctx: StageContext) -> StageResult:
     """Samples per class without and with guidance (CFG for GPT, AutoGuidance for DiT):
     fd_ref, precision/recall and class consistency in the reference space [, gfid]; a grid.
-    The labels follow `eval.label_sampling` (`eval_labels`), recorded as the cell's
-    label_sampling tag next to every generation metric."""
+    The labels follow `eval.label_sampling` (`eval_labels`), recorded as the cell's label_sampling tag
+    next to every generation metric. The ranks of the stage share out the label chunks (each drawn with
+    its own seed, so the samples do not depend on the number of ranks) and the feature passes; rank 0
+    computes the metrics."""
     cfg: GenEvalStage = ctx.config
     ev = cfg.eval
     gen = load_generator(ctx.inputs[S.GENERATOR].dir, device=_device())
@@ -268,16 +292,25 @@ def run_gen_eval(ctx: StageContext) -> StageResult:
     clf = _reference(ctx)
     space = RefSpace(clf)
     val = build_dataset(cfg.data, "val")
-    ref_features = space.features(val.images)
+    ref_features = sharded(lambda part: space.features(val.images[part]), len(val.labels))
     labels = eval_labels(ev, cfg.data.num_classes)
+    chunks = label_chunks(labels, ev.seed)
     guided: dict[str, Any] = {"cfg_scale": ev.guidance_scale}
     if gen.cfg.kind == "dit" and gen.guide is not None:
         guided[_GUIDANCE_ARG] = "autoguidance"
+
+    def draw(overrides: dict, part: slice) -> tuple[np.ndarray, np.ndarray]:
+        images = np.concatenate([_decode(tokenizer, gen.sample(y.to(_device()), seed=seed, **overrides).cpu(),
+                                         ev.batch_size) for y, seed in chunks[part]])
+        return images, space.features(images)
+
+    drawn = {guide: sharded(lambda part: draw(overrides, part), len(chunks))
+             for guide, overrides in ((False, {"cfg_scale": 1.0}), (True, guided))}
+    if ref_features is None:
+        return FOLLOWER
     out: dict[str, float] = {}
-    for guide, overrides in ((False, {"cfg_scale": 1.0}), (True, guided)):
-        codes = gen.sample(labels.to(_device()), seed=ev.seed, **overrides).cpu()
-        images = _decode(tokenizer, codes, ev.batch_size)
-        metrics = distribution_metrics(space, images, ref_features, ref_is_features=True)
+    for guide, (images, features) in drawn.items():
+        metrics = distribution_metrics(space, features, ref_features, gen_is_features=True, ref_is_features=True)
         metrics[S.CLASS_CONSISTENCY] = class_consistency(clf, images, labels.numpy())
         if ev.inception_weights:
             from study.metrics.fid import InceptionConfig, gfid
