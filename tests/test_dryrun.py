@@ -38,7 +38,8 @@ def from_plan(path: str, force: bool = False, retry_failed: bool = False, overri
     kinds = {}
     for kind in plan.spec.stages:
         keys = [key for key, st in plan.stages.items() if st.kind == kind]
-        to_run = [k for k in keys if force or states[k] == State.PENDING or (retry_failed and states[k] == State.FAILED)]
+        to_run = [k for k in keys
+                  if force or states[k] == State.PENDING or (retry_failed and states[k] == State.FAILED)]
         kinds[kind] = KindCount(len(keys), len(to_run))
     messages = [get_kind(st.kind).missing(st.config) for key, st in plan.stages.items()
                 if get_kind(st.kind).missing and states[key] != State.COMPLETED]
