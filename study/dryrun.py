@@ -1,6 +1,6 @@
 """The dry run's summary of a sweep without its plan: cells, distinct stages per kind, what a run
-would submit, missing input files, the first cell's configs; a million cells in seconds, in
-memory that does not grow with the cells.
+would submit, missing input files, the first cell's configs; a million cells cost the configs of
+their distinct points per kind, in memory that does not grow with the cells.
 
 Without include / exclude the cells are the product of the spec's factors (study.spec.factors),
 and a kind's typed config depends only on the factors that set a key in a section it reads: each
