@@ -2,7 +2,6 @@
 zips, lists, shared seeds, duplicates, include / exclude, stages on disk), its cell list names
 the plan's cells, an invalid spec fails on the plan's first error, and its memory does not grow
 with the cells."""
-import json
 import re
 import subprocess
 import sys
