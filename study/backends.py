@@ -286,27 +286,25 @@ def bench_figures() -> tuple[dict, str]:
 BENCH_ITEM = {"tokenizer": "tokenizer_paper"}
 
 
-def estimated_gpu_hours(plan, kind: str, rates: dict) -> Optional[float]:
-    """GPU-hours of one job of `kind`: steps x global batch / (measured images/s per GPU), the
-    GPUs of all ranks together; None without a measured figure."""
+def estimated_gpu_hours(config: Any, kind: str, rates: dict) -> Optional[float]:
+    """GPU-hours of one job of `kind` with this typed config: steps x global batch / (measured
+    images/s per GPU), the GPUs of all ranks together; None without a measured figure."""
     rate = rates.get(BENCH_ITEM.get(kind, ""))
-    stage = next((s for s in plan.stages.values() if s.kind == kind), None)
-    train = getattr(getattr(stage.config, kind, None), "train", None) if stage else None
+    train = getattr(getattr(config, kind, None), "train", None)
     if not rate or train is None:
         return None
     return train.steps * train.batch_size / rate / 3600
 
 
-def scale_summary(plan) -> list[str]:
-    """Dry-run lines: ranks per stage, an estimate of GPU-hours per job, the stores in use and
-    the ones unsafe for a sweep over many nodes."""
-    spec = plan.spec
+def scale_summary(spec: SweepSpec, first: dict[str, Any]) -> list[str]:
+    """Dry-run lines: ranks per stage, an estimate of GPU-hours per job (`first`: the first cell's
+    typed config per kind), the stores in use and the ones unsafe for a sweep over many nodes."""
     rates, source = bench_figures()
     lines = ["ranks per stage (nodes x tasks per node; gpus per node) and estimated GPU-hours per job "
              f"({'from ' + source if source else 'no measured figures: set VFMSTUDY_BENCH=FILE.json from python -m study.bench gpu'}):"]
     for kind in spec.stages:
         res = spec.resources_for(kind)
-        hours = estimated_gpu_hours(plan, kind, rates)
+        hours = estimated_gpu_hours(first.get(kind), kind, rates)
         est = f"~{hours:.3g} GPU-h (estimate)" if hours is not None else "no estimate"
         lines.append(f"  {kind:12s} {res.ranks:3d} rank(s) = {res.nodes} x {res.tasks}; {res.gpus} GPU(s)/node   {est}")
     store = spec.tracking.uri or "sqlite:///<study_dir>/mlflow.db" if spec.tracking.enabled else "off"

@@ -75,6 +75,29 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class StageStates:
+    """Stage states of a study folder by (kind, id): a stage without a folder is PENDING, so a sweep
+    that has not run costs one directory listing per kind, and each folder's status is read once."""
+
+    def __init__(self, root: Path, kinds: list[str]):
+        self.root = Path(root)
+        self.on_disk = {kind: set(os.listdir(d)) if (d := self.root / "stages" / kind).is_dir() else set()
+                        for kind in kinds}
+        self._read: dict[tuple[str, str], State] = {}
+
+    def __call__(self, kind: str, stage_id: str) -> State:
+        if stage_id not in self.on_disk[kind]:
+            return State.PENDING
+        if (kind, stage_id) not in self._read:
+            self._read[kind, stage_id] = read_status(self.root / "stages" / kind / stage_id)["state"]
+        return self._read[kind, stage_id]
+
+
+def runs(state: State, force: bool, retry_failed: bool) -> bool:
+    """Whether `run` submits a stage in this state."""
+    return force or state == State.PENDING or (retry_failed and state == State.FAILED)
+
+
 def read_status(stage_dir: Path) -> dict:
     """The stage's status; a corrupt status.json, or a COMPLETED stage whose result.json is
     corrupt, reads as FAILED with the reason in `errors` (other stages stay readable)."""

@@ -33,7 +33,7 @@ import string
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 from study.config import ConfigError, bounded, load, nonsemantic
 
@@ -384,24 +384,43 @@ def _matches(draft: CellDraft, cond: dict[str, Any]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Factor:
+    """One independent dimension of the expansion (a grid key, a zip group, the lists, the seeds):
+    a cell takes one point of each, and its values are the points' keys in factor order."""
+    points: list[dict[str, Any]]
+
+    @property
+    def sections(self) -> set[str]:
+        """The top-level config sections some point sets a key in."""
+        return {key.partition(".")[0] for point in self.points for key in point}
+
+
+def factors(spec: SweepSpec) -> list[Factor]:
+    """The spec's axes as independent factors: the cells before include / exclude are their product."""
+    axes = spec.axes
+    out = [Factor([{key: value} for value in values]) for key, values in axes.grid.items()]
+    out += [Factor([{k: group[k][i] for k in group} for i in range(len(next(iter(group.values()))))])
+            for group in axes.zip_groups if group]
+    out.append(Factor(axes.lists or [{}]))
+    out.append(Factor([{key: seed for key in spec.seed_keys} for seed in spec.seeds]))
+    return out
+
+
+def draft_of(spec: SweepSpec, points: Iterable[dict[str, Any]]) -> CellDraft:
+    """The grid point taking these factor points (in factor order: a later key overrides)."""
+    values: dict[str, Any] = {}
+    for point in points:
+        values.update(point)
+    return CellDraft(values, base=spec.base)
+
+
 def expand(spec: SweepSpec, source: str | None = None) -> Iterator[CellDraft]:
     """grid × zip groups × lists × seeds, then include / exclude filters, in a stable order;
     lazily, so that a dry run of a huge sweep holds one draft at a time."""
-    axes = spec.axes
-    grid_keys = list(axes.grid)
-    grid_points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*axes.grid.values())]
-    zip_points = [[{k: group[k][i] for k in group} for i in range(len(next(iter(group.values()))))]
-                  for group in axes.zip_groups if group]
-    list_points = axes.lists or [{}]
     kept = 0
-    for combo in itertools.product(grid_points, *zip_points, list_points, spec.seeds):
-        *parts, seed = combo
-        values: dict[str, Any] = {}
-        for part in parts:
-            values.update(part)
-        for key in spec.seed_keys:
-            values[key] = seed
-        draft = CellDraft(values, base=spec.base)
+    for points in itertools.product(*(f.points for f in factors(spec))):
+        draft = draft_of(spec, points)
         if spec.include and not any(_matches(draft, c) for c in spec.include):
             continue
         if any(_matches(draft, c) for c in spec.exclude):

@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, get_args, get_origin
+from typing import Any, Callable, Iterable, Iterator, Optional, get_args, get_origin
 
 from study import ledger, schema
 from study.config import ConfigError, from_dict, hash_semantic, semantic_json
@@ -214,9 +214,9 @@ def _check_key_path(key: str, kinds: list[StageKind]) -> Optional[str]:
     return None
 
 
-def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = None) -> Plan:
-    """Validate every cell against the stage kinds' dataclasses and attach stage ids.
-    Raises a one-line ConfigError naming the spec file and the key path."""
+def check_spec(spec: SweepSpec, source: str) -> tuple[list[StageKind], dict[str, str]]:
+    """The sweep's stage kinds (in order) and its axis keys, every key path checked against the
+    kinds' dataclasses; cells are not looked at. Raises a one-line ConfigError."""
     def fail(msg: str, key: str):
         raise ConfigError(msg, source=source, key=key)
 
@@ -251,24 +251,43 @@ def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = No
         problem = _check_key_path(section, kinds)
         if problem:
             fail(problem, f"base.{section}")
+    return kinds, origins
 
+
+def iter_cells(spec: SweepSpec, source: str, drafts: Iterable[CellDraft] | None = None
+               ) -> Iterator[tuple[CellDraft, dict[str, Stage]]]:
+    """Every draft (duplicates included) with its stages, kind -> stage in dependency order, one
+    at a time: each cell's config validated by the kinds' dataclasses (a one-line ConfigError)."""
+    kinds, origins = check_spec(spec, source)
     typed = _TypedConfigs(spec, origins, source, shared={need for kind in kinds for need in kind.needs})
+    for draft in (drafts if drafts is not None else expand(spec, source)):
+        cell_stages: dict[str, Stage] = {}
+        for kind in kinds:
+            ups = tuple(cell_stages[n].key for n in kind.needs)
+            cell_stages[kind.name] = typed.stage(kind, draft, ups)
+        yield draft, cell_stages
+
+
+def cell_id(stages: dict[str, Stage]) -> str:
+    """A cell is its stages: two drafts with the same stages are one cell."""
+    return hash_semantic("{}", *sorted(s.key for s in stages.values()))
+
+
+def build_plan(spec: SweepSpec, source: str, drafts: list[CellDraft] | None = None) -> Plan:
+    """Validate every cell against the stage kinds' dataclasses and attach stage ids.
+    Raises a one-line ConfigError naming the spec file and the key path."""
     stages: dict[str, Stage] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
     n_drafts = 0
-    for draft in (drafts if drafts is not None else expand(spec, source)):
+    for draft, cell_stages in iter_cells(spec, source, drafts):
         n_drafts += 1
-        cell_stages: dict[str, Stage] = {}
-        for kind in kinds:
-            ups = tuple(cell_stages[n].key for n in kind.needs)
-            stage = typed.stage(kind, draft, ups)
-            cell_stages[kind.name] = stages.setdefault(stage.key, stage)
-        cell_id = hash_semantic("{}", *sorted(s.key for s in cell_stages.values()))
-        if cell_id in seen:
+        cell_stages = {kind: stages.setdefault(stage.key, stage) for kind, stage in cell_stages.items()}
+        cid = cell_id(cell_stages)
+        if cid in seen:
             continue
-        seen.add(cell_id)
-        cells.append(Cell(len(cells), cell_id, draft, cell_stages))
+        seen.add(cid)
+        cells.append(Cell(len(cells), cid, draft, cell_stages))
     return Plan(spec, source, cells, stages, merged_duplicates=n_drafts - len(cells))
 
 
@@ -288,7 +307,7 @@ class _TypedConfigs:
 
     def stage(self, kind: StageKind, draft: CellDraft, ups: tuple[str, ...]) -> Stage:
         if not draft.derived:
-            cfg = _typed_config(kind, draft, self.origins, self.source)
+            cfg = typed_config(kind, draft, self.origins, self.source)
             return self._new(kind, cfg, semantic_json(cfg), ups)
         axes = (kind.name, tuple(draft.values))
         keys = self.relevant.get(axes)
@@ -300,7 +319,7 @@ class _TypedConfigs:
         if stage is None:
             found = self.configs.get(config_key)
             if found is None:
-                cfg = _typed_config(kind, draft, self.origins, self.source)
+                cfg = typed_config(kind, draft, self.origins, self.source)
                 found = self.configs[config_key] = (cfg, semantic_json(cfg))
             stage = self._new(kind, *found, ups)
             if kind.name in self.shared:  # a last stage is mostly one per cell: not worth keeping here
@@ -312,7 +331,7 @@ class _TypedConfigs:
         return Stage(kind.name, sid, cfg, ups, self.resources[kind.name])
 
 
-def _typed_config(kind: StageKind, draft: CellDraft, origins: dict[str, str], source: str) -> Any:
+def typed_config(kind: StageKind, draft: CellDraft, origins: dict[str, str], source: str) -> Any:
     data = {s: draft.config[s] for s in kind.sections if s in draft.config}
     try:
         cfg = from_dict(kind.config, data, source=source, prefix="base")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,21 +32,27 @@ from study.config import ConfigError, dump_yaml, user_error
 from study.fsio import atomic_write_text
 from study.controller import (ControllerBusy, Scheduler, cell_name, controller_lock, controller_running,
                               end_sweep_run, open_tracking, record_start, recorded_runs)
-from study.ledger import ACTIVE, State
-from study.spec import load_spec, search_probes
-from study.stages import Cell, Plan, StageResult, build_plan, get_kind, read_stage_result
+from study.dryrun import DrySummary, summarize
+from study.ledger import ACTIVE, StageStates, State
+from study.spec import SweepSpec, load_spec, search_probes
+from study.stages import Cell, Plan, StageResult, build_plan, cell_id, get_kind, iter_cells, read_stage_result
 
 COMMANDS = ("run", "status", "wait", "collect")
 
 
 # --------------------------------------------------------------------------- loading
-def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
-    """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
+def load_checked_spec(path: str, overrides: list[str] | None = None) -> SweepSpec:
+    """The spec, its resources checked per backend and (a search) every value a trial can draw."""
     spec = load_spec(path, overrides)
     check_resources(spec, str(path))
     if spec.search:  # every value a trial can draw, typed like a cell
         build_plan(spec, str(path), drafts=search_probes(spec))
-    return build_plan(spec, str(path))
+    return spec
+
+
+def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
+    """Spec + expansion + per-cell stage validation: raises ConfigError, touches nothing."""
+    return build_plan(load_checked_spec(path, overrides), str(path))
 
 
 def _status(plan: Plan, key: str) -> dict:
@@ -87,20 +93,17 @@ def _fmt_s(seconds: Optional[float]) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _median_runtime(plan: Plan, kind: str) -> Optional[float]:
-    kind_dir = plan.root / "stages" / kind
+def _median_runtime(root: Path, kind: str) -> Optional[float]:
+    kind_dir = root / "stages" / kind
     times = [ledger.read_status(d).get("runtime_s") for d in kind_dir.iterdir()] if kind_dir.exists() else []
     times = [t for t in times if t]
     return statistics.median(times) if times else None
 
 
 def stage_states(plan: Plan) -> dict[str, State]:
-    """Every stage's state; only the stages that have a folder are read (a huge sweep that has
-    not run yet costs a directory listing per kind)."""
-    on_disk = {kind: set(os.listdir(plan.root / "stages" / kind)) if (plan.root / "stages" / kind).is_dir()
-               else set() for kind in plan.spec.stages}
-    return {key: _status(plan, key)["state"] if st.id in on_disk[st.kind] else State.PENDING
-            for key, st in plan.stages.items()}
+    """Every stage's state (only the stages that have a folder are read)."""
+    states = StageStates(plan.root, plan.spec.stages)
+    return {key: states(st.kind, st.id) for key, st in plan.stages.items()}
 
 
 def missing_inputs(plan: Plan, states: Optional[dict[str, State]] = None) -> list[str]:
@@ -117,57 +120,63 @@ def missing_inputs(plan: Plan, states: Optional[dict[str, State]] = None) -> lis
     return list(found)
 
 
-def dry_run(plan: Plan, force: bool, retry_failed: bool, cells: bool = False) -> str:
-    """A summary (cells, distinct stages, resources, estimate); `cells`: also every cell with
-    its stage ids and what a run would do with each."""
-    spec = plan.spec
-    states = stage_states(plan)
-    lines = [f"sweep '{spec.name}': {len(plan.cells)} cells, {len(plan.stages)} distinct stages "
-             f"(study dir {plan.root}; backend {spec.launcher.backend})"]
-    if plan.merged_duplicates:
-        lines.append(f"  ({plan.merged_duplicates} duplicate cells merged)")
-    if cells:
-        lines.extend(_cell_lines(plan, states, force, retry_failed))
-    else:
-        lines.append("  (the cells, their stage ids and what a run does with each: add --list)")
-    lines.append("stage kind        total  to-run  gpus cpus mem_gb timeout  est/job   est GPU-h")
+def dry_run(spec: SweepSpec, source: str, force: bool, retry_failed: bool, cells: bool = False) -> Iterator[str]:
+    """The summary's lines (cells, distinct stages, resources, estimate), computed before the first
+    line is returned (an invalid cell raises here); `cells`: also every cell with its stage ids and
+    what a run would do with each, streamed."""
+    states = StageStates(spec.root, spec.stages)
+    summary = summarize(spec, source, states, force, retry_failed)
+    head = [f"sweep '{spec.name}': {summary.cells} cells, {summary.stages} distinct stages "
+            f"(study dir {spec.root}; backend {spec.launcher.backend})"]
+    if summary.drafts != summary.cells:
+        head.append(f"  ({summary.drafts - summary.cells} duplicate cells merged)")
+    listed = _cell_lines(spec, source, states, force, retry_failed, merge=summary.drafts != summary.cells) \
+        if cells else ["  (the cells, their stage ids and what a run does with each: add --list)"]
+    return itertools.chain(head, listed, _summary_lines(spec, summary))
+
+
+def _summary_lines(spec: SweepSpec, summary: DrySummary) -> Iterator[str]:
+    yield "stage kind        total  to-run  gpus cpus mem_gb timeout  est/job   est GPU-h"
     gpu_h = cpu_h = 0.0
-    per_kind: dict[str, list[str]] = {kind: [] for kind in spec.stages}
-    for key, st in plan.stages.items():
-        per_kind[st.kind].append(key)
-    for kind, keys in per_kind.items():
-        to_run = [k for k in keys if force or states[k] == State.PENDING
-                  or (retry_failed and states[k] == State.FAILED)]
+    for kind, count in summary.kinds.items():
         res = spec.resources_for(kind)
-        median = _median_runtime(plan, kind)
+        median = _median_runtime(spec.root, kind)
         per_job_h = (median if median is not None else res.timeout_min * 60) / 3600
-        gpu_h += len(to_run) * res.gpus * res.nodes * per_job_h
-        cpu_h += len(to_run) * res.cpus * res.ranks * per_job_h
+        gpu_h += count.to_run * res.gpus * res.nodes * per_job_h
+        cpu_h += count.to_run * res.cpus * res.ranks * per_job_h
         est = f"{_fmt_s(median)} med" if median is not None else f"<={res.timeout_min}min"
-        lines.append(f"  {kind:15s} {len(keys):5d} {len(to_run):7d} {res.gpus:5d} {res.cpus:4d} {res.mem_gb:6g} "
-                     f"{res.timeout_min:6d}m  {est:>9s} {len(to_run) * res.gpus * res.nodes * per_job_h:10.2f}")
-    lines.append(f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
-                 "else the timeout as an upper bound). Nothing was run.")
-    lines.extend(scale_summary(plan))
-    missing = missing_inputs(plan, states)
-    if missing:
-        lines.append(f"missing input files ({len(missing)}; a run would refuse to start):")
-        lines.extend(f"  - {m}" for m in missing)
-    return "\n".join(lines)
+        yield (f"  {kind:15s} {count.total:5d} {count.to_run:7d} {res.gpus:5d} {res.cpus:4d} {res.mem_gb:6g} "
+               f"{res.timeout_min:6d}m  {est:>9s} {count.to_run * res.gpus * res.nodes * per_job_h:10.2f}")
+    yield (f"estimate: {gpu_h:.2f} GPU-h, {cpu_h:.2f} CPU-h (median runtime of finished stages of a kind, "
+           "else the timeout as an upper bound). Nothing was run.")
+    yield from scale_summary(spec, summary.first)
+    if summary.missing:
+        yield f"missing input files ({len(summary.missing)}; a run would refuse to start):"
+        yield from (f"  - {m}" for m in summary.missing)
 
 
-def _cell_lines(plan: Plan, states: dict[str, State], force: bool, retry_failed: bool) -> Iterator[str]:
+def _cell_lines(spec: SweepSpec, source: str, states: StageStates, force: bool, retry_failed: bool,
+                merge: bool) -> Iterator[str]:
+    """A line pair per cell; `merge`: skip a cell whose stages an earlier one has (its ids are kept)."""
     marks = {State.COMPLETED: "cached", State.FAILED: "FAILED", State.PENDING: "run"}
-    for cell in plan.cells:
+    seen: set[str] = set()
+    index = 0
+    for draft, stages in iter_cells(spec, source):
+        cid = cell_id(stages)
+        if merge:
+            if cid in seen:
+                continue
+            seen.add(cid)
         parts = []
-        for kind, st in cell.stages.items():
-            state = states[st.key]
+        for kind, st in stages.items():
+            state = states(kind, st.id)
             mark = "run" if force else marks.get(state, state.value.lower())
             if state == State.FAILED and retry_failed:
                 mark = "retry"
             parts.append(f"{kind}:{st.id}[{mark}]")
-        values = " ".join(f"{k}={v}" for k, v in cell.values.items())
-        yield f"  cell {cell.index:3d} {cell.id}  {values}\n      " + "  ".join(parts)
+        values = " ".join(f"{k}={v}" for k, v in draft.values.items())
+        yield f"  cell {index:3d} {cid}  {values}\n      " + "  ".join(parts)
+        index += 1
 
 
 WIDTH = 100  # `status` and the live view fit a terminal of this many columns
@@ -513,11 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--out", help="write .csv or .json here instead of printing")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(args.spec, args.overrides)
+        if command == "run" and args.dry_run:
+            lines = dry_run(load_checked_spec(args.spec, args.overrides), args.spec, args.force, args.retry_failed,
+                            cells=args.list)
+        else:
+            plan = load_plan(args.spec, args.overrides)
     except ConfigError as err:
         return user_error(err)
     if command == "run" and args.dry_run:
-        print(dry_run(plan, args.force, args.retry_failed, cells=args.list))
+        for line in lines:
+            print(line)
         return 0
     if command == "run":
         try:

@@ -94,7 +94,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
         for attempt_in_job in range(retries + 1):
             status = ledger.update_status(
                 sdir, state=State.RUNNING.value, kind=stage.kind, id=stage.id, job_id=job_id,
-                attempt=ledger.read_status(sdir).get("attempt", 0) + 1, started=time.time(), **ledger.here())
+                attempt=status.get("attempt", 0) + 1, started=time.time(), **ledger.here())
             callbacks = [_StatusCallback(sdir), *extra_callbacks]
             if tracker and item.run_ids:
                 curves = MlflowCallback(tracker, item.run_ids, stage.kind)
@@ -164,16 +164,25 @@ def _is_prune(err: BaseException) -> bool:
     return type(err).__name__ == "TrialPruned"  # optuna stays an optional import for the worker
 
 
+_threads_limited_to: Optional[int] = None  # the limit this process set last
+
+
 def _limit_threads(cpus: int) -> None:
     """A job computes on the cores it asked for: torch and the BLAS behind numpy / scikit-learn
     would otherwise start one thread per core of the node in every job, and jobs sharing a node
     slow each other down. The BLAS pools exist before this runs (submitit imports numpy), so the
-    environment variable alone does not reach them; threadpoolctl resizes them in place."""
-    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    environment variable alone does not reach them; threadpoolctl resizes them in place. A process
+    that runs many stages (the debug backend) sets the same limit once: threadpoolctl scans every
+    loaded library per call, and a pool loaded later starts from the environment variable."""
+    global _threads_limited_to
     import torch
+    if cpus == _threads_limited_to and torch.get_num_threads() == cpus:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
     from threadpoolctl import threadpool_limits
     torch.set_num_threads(cpus)
     threadpool_limits(limits=cpus)
+    _threads_limited_to = cpus
 
 
 class StageJob(submitit.helpers.Checkpointable):

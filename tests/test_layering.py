@@ -15,8 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("study", "tokenizer", "generators", "analysis")
-ENGINE = ("study.stages", "study.spec", "study.worker", "study.backends", "study.controller", "study.sweep",
-          "study.search", "study.tracking", "study.ledger", "study.pipeline", "study.cluster")
+ENGINE = ("study.stages", "study.spec", "study.dryrun", "study.worker", "study.backends", "study.controller",
+          "study.sweep", "study.search", "study.tracking", "study.ledger", "study.pipeline", "study.cluster")
 RUNNERS = ("mlflow", "optuna", "submitit")
 MODELS = ("tokenizer", "generators")
 

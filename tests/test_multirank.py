@@ -128,15 +128,19 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
         Trainer(TrainConfig(steps=1, batch_size=8, device="cpu", progress=False), Regression(8))
 
 
-def test_dry_run_shows_ranks_unsafe_stores_and_an_estimate_from_the_benchmark(tmp_path, monkeypatch):
+def _scale_lines(path: str) -> str:
     from study.backends import scale_summary
+    plan = load_plan(path)
+    return "\n".join(scale_summary(plan.spec, {kind: st.config for kind, st in plan.cells[0].stages.items()}))
 
+
+def test_dry_run_shows_ranks_unsafe_stores_and_an_estimate_from_the_benchmark(tmp_path, monkeypatch):
     path = tokenizer_spec(tmp_path, {"backend": "slurm"}, {"gpus": 4, "nodes": 2})
     bench = tmp_path / "bench.json"
     bench.write_text('{"device": "NVIDIA H200", "sizes": {"name": "full"}, '
                      '"items": {"tokenizer_paper": {"images_per_s": 2.0}}}')
     monkeypatch.setenv("VFMSTUDY_BENCH", str(bench))
-    text = "\n".join(scale_summary(load_plan(path)))
+    text = _scale_lines(path)
     # steps x global batch / (images/s per GPU): the GPU-seconds of all ranks together
     hours = STEPS * MICRO["base"]["tokenizer"]["train"]["batch_size"] / 2.0 / 3600
     assert f"{S.TOKENIZER}      8 rank(s) = 2 x 4; 4 GPU(s)/node   ~{hours:.3g} GPU-h (estimate)" in text
@@ -144,7 +148,7 @@ def test_dry_run_shows_ranks_unsafe_stores_and_an_estimate_from_the_benchmark(tm
     assert "study.cluster.mlflow_server start" in text
 
     local = tokenizer_spec(tmp_path / "local", {"backend": "local"})
-    assert "UNSAFE" not in "\n".join(scale_summary(load_plan(local)))
+    assert "UNSAFE" not in _scale_lines(local)
 
 
 def test_an_optuna_journal_file_is_flagged_on_slurm_and_an_rdb_url_is_not(tmp_path):

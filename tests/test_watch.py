@@ -136,7 +136,7 @@ def test_stage_ids_hashed_from_a_cached_semantic_json_equal_the_full_recompute()
 
 
 def test_dry_run_of_a_hundred_thousand_cells_is_a_bounded_summary(tmp_path):
-    # 10^5 cells keep the test short; the 10^6 figure is measured by hand (too slow for a test)
+    # 10^5 cells; that 10^6 take no more memory: tests/test_dryrun.py
     import subprocess
     import sys
     from pathlib import Path
