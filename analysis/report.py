@@ -120,6 +120,10 @@ def speedup_sentences(numbers: dict, cfg: ReportConfig, metric: str) -> list[str
                        f"at its first evaluation (step {s['steps_best']:.0f}), so the speed-up is not resolved "
                        f"(evaluate the generator earlier and more often: generator.train.eval_every).")
             continue
+        if s["best"] == s["baseline"]:  # no other backbone reaches the baseline's level at all
+            out.append(f"{s['kind']}: no backbone reaches {metric} = {s['level']:.3g} ({where} for {s['baseline']}) "
+                       f"sooner than {s['baseline']} itself (step {s['steps_best']:.0f}): no speed-up to report.")
+            continue
         out.append(f"{s['kind']}: {s['best']} reaches {metric} = {s['level']:.3g} ({where} for {s['baseline']}) after "
                    f"{s['steps_best']:.0f} steps vs {s['steps_baseline']:.0f} for {s['baseline']}: "
                    f"{s['speedup']:.2f}× faster ({_pct(cfg)} bootstrap CI over seeds "
@@ -242,8 +246,6 @@ def blocks(ev: evidence.Evidence, notes: list[str], sections: list[Section],
            cfg: ReportConfig) -> list[Block]:
     """The report top-down: answer, scale and notes, the one table, figures, tests, predictors."""
     out = [Block("Answer", ev.answer, paragraph=True), Block("Scale and how to read it", notes),
-           Block("Above the floors: chance and the class-mean image", ev.floor_sentences,
-                 table=ev.floors if len(ev.floors) else None),
            Block("Results", table=ev.table if len(ev.table) else None,
                  sentences=[] if len(ev.table) else ["No run has a headline metric yet."]),
            Block("Figures")]
@@ -251,7 +253,10 @@ def blocks(ev: evidence.Evidence, notes: list[str], sections: list[Section],
         details = sec.sentences[1:] if not sec.plot.missing else []
         out.append(Block(sec.title, [f"Takeaway: {sec.takeaway}", *details], sec.plot.path, sec.table, level=3))
     untested = [f"{series}, {metric}: {why}." for (series, metric), why in ev.untested.items()]
-    out.append(Block("Between-objective tests", [*ev.tests["sentence"], *untested],
+    out.append(Block("Above the floors: chance and the class-mean image", ev.floor_sentences,
+                     table=ev.floors if len(ev.floors) else None))
+    tested = [f"{series}: {sentence}" for series, sentence in zip(ev.tests[SERIES], ev.tests["sentence"])]
+    out.append(Block("Between-objective tests", [*tested, *untested],
                      table=ev.groups if len(ev.groups) else None))
     display = (predictors.predictor_display(ev.predictors.assign(property=ev.predictors["property"] + " ("
                                                                   + ev.predictors[SERIES] + ")"), cfg.confidence)
@@ -327,7 +332,9 @@ def scale_notes(runs: pd.DataFrame, ev: evidence.Evidence, cfg: ReportConfig,
              "column of the table.",
              "Deviations from the paper's recipe are listed item by item in docs/fidelity.md (python -m study.fidelity)."]
     if ev.single_seed:
-        notes.append("Note: some cells ran 1 seed, so their numbers carry no interval (1 seed, no interval).")
+        notes.append("Note: some cells ran 1 seed, so their numbers carry no interval (1 seed, no interval): such a "
+                     "run shows which backbones clear chance and the class-mean image (see Above the floors), not "
+                     "which backbone is best.")
     return notes
 
 
