@@ -35,6 +35,7 @@ CURVES = {"inhouse:none": [100, 80, 60, 40, 35, 30], "inhouse:dino": [100, 60, 4
           "inhouse:ibot": [100, 40, 30, 25, 20, 18]}
 PIPELINES = (("vfmtok", "gpt"), ("vfmae", "dit"))
 SEEDS = (0, 1, 2)
+TOK_QUALITY = S.metric(S.TOK_EVAL, S.PSNR)  # the tokenizer headline without real Inception weights
 RFD_REF, FD_REF, FD_REF_GUIDED = (S.metric(S.TOK_EVAL, S.RFD_REF), S.metric(S.GEN_EVAL, S.FD_REF),
                                   S.metric(S.GEN_EVAL, S.guided(S.FD_REF)))
 VFM_PROBE_ACC, CURVE = S.metric(S.VFM, S.PROBE_ACC), S.metric(S.GENERATOR, S.FD_REF)
@@ -333,11 +334,11 @@ def test_backbone_bars_plot_seed_intervals_of_the_logged_values(runs, sweep, tmp
     plot = figures.backbone_bars(runs, tmp_path)
     assert plot.missing is None and plot.path.is_file()
     table = plot.numbers
-    assert set(table["metric"]) == {RFD_REF, FD_REF, S.metric(S.TOK_EVAL, S.PROBE_ACC)}
+    assert set(table["metric"]) == {TOK_QUALITY, FD_REF, S.metric(S.TOK_EVAL, S.PROBE_ACC)}
     main_runs = _main(sweep["logged"])
     for backbone in BACKBONES:
-        values = main_runs[(main_runs["backbone"] == backbone) & (main_runs["tok"] == "vfmtok")][RFD_REF]
-        row = table[(table["metric"] == RFD_REF) & (table["backbone"] == backbone)
+        values = main_runs[(main_runs["backbone"] == backbone) & (main_runs["tok"] == "vfmtok")][TOK_QUALITY]
+        row = table[(table["metric"] == TOK_QUALITY) & (table["backbone"] == backbone)
                     & (table["series"] == "vfmtok+gpt")].iloc[0]
         low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
         assert row["n"] == 3  # ablation cells are not pooled into the per-backbone bars
@@ -365,9 +366,9 @@ def test_family_scatter_correlates_vfm_quality_with_tokenizer_quality(runs, swee
     corr = plot.numbers["correlations"].set_index("kind")
     main_runs = _main(sweep["logged"])
     for kind in ("vfmtok", "vfmae"):
-        means = main_runs[main_runs["tok"] == kind].groupby("backbone")[[VFM_PROBE_ACC, RFD_REF]].mean()
-        expected = sps.spearmanr(means[VFM_PROBE_ACC], means[RFD_REF]).statistic
-        assert corr.loc[kind, "rho"] == pytest.approx(expected) == pytest.approx(-1)
+        means = main_runs[main_runs["tok"] == kind].groupby("backbone")[[VFM_PROBE_ACC, TOK_QUALITY]].mean()
+        expected = sps.spearmanr(means[VFM_PROBE_ACC], means[TOK_QUALITY]).statistic
+        assert corr.loc[kind, "rho"] == pytest.approx(expected) == pytest.approx(1)
         assert corr.loc[kind, "n"] == 3 and corr.loc[kind, "low"] <= corr.loc[kind, "high"]
 
 
@@ -411,8 +412,8 @@ def test_ablations_use_only_groups_where_the_factor_varies(runs, tmp_path):
     nq = figures.ablation(runs, tmp_path, "num_queries")
     assert nq.missing is None and nq.path.is_file()
     assert set(nq.numbers["backbone"]) == {"inhouse:dino"} and set(nq.numbers["num_queries"]) == {16, 64}
-    rfd = nq.numbers[nq.numbers["metric"] == RFD_REF].set_index("num_queries")["mean"]
-    assert rfd[16] > rfd[64]
+    psnr = nq.numbers[nq.numbers["metric"] == TOK_QUALITY].set_index("num_queries")["mean"]
+    assert psnr[16] < psnr[64]
     sampler = figures.ablation(runs, tmp_path, "sampler")
     assert sampler.missing is None and set(sampler.numbers["sampler"]) == {"region", "grid"}
     semantic = figures.ablation(runs, tmp_path, "semantic")
@@ -542,10 +543,10 @@ def test_answer_names_the_best_backbone_when_the_objectives_differ(runs):
     from analysis import evidence
     ev = evidence.gather(runs, n_boot=200)
     assert 2 <= len(ev.answer) <= 3 and ev.answer[-1] == ev.verdict
-    assert "on vfmtok+gpt inhouse:ibot is best" in ev.answer[0] and RFD_REF in ev.answer[0]
-    test = ev.tests[(ev.tests[figures.SERIES] == "vfmtok+gpt") & (ev.tests["metric"] == RFD_REF)].iloc[0]
+    assert "on vfmtok+gpt inhouse:ibot is best" in ev.answer[0] and TOK_QUALITY in ev.answer[0]
+    test = ev.tests[(ev.tests[figures.SERIES] == "vfmtok+gpt") & (ev.tests["metric"] == TOK_QUALITY)].iloc[0]
     groups = [runs[(runs["pipeline"] == "vfmtok+gpt") & (runs[S.BACKBONE] == b) & (runs[S.NUM_QUERIES] == 64)
-                   & (runs[S.SAMPLER] == "region")][RFD_REF] for b in sorted(BACKBONES)]
+                   & (runs[S.SAMPLER] == "region")][TOK_QUALITY] for b in sorted(BACKBONES)]
     assert test["kruskal_p"] == pytest.approx(sps.kruskal(*groups).pvalue)
     assert test["anova_p"] == pytest.approx(sps.f_oneway(*groups).pvalue)
     assert set(ev.table["seeds"]) == {3} and not ev.single_seed
@@ -555,7 +556,7 @@ def test_answer_names_the_best_backbone_when_the_objectives_differ(runs):
 def test_answer_says_not_distinguishable_when_the_backbones_do_not_differ(runs):
     from analysis import evidence
     null = runs.copy()
-    null[RFD_REF] = np.random.default_rng(0).normal(20, 1, len(null))  # no backbone effect
+    null[TOK_QUALITY] = np.random.default_rng(0).normal(20, 1, len(null))  # no backbone effect
     ev = evidence.gather(null, n_boot=200)
     assert "the backbones are not distinguishable at this budget" in ev.answer[0]
 
