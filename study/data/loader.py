@@ -12,6 +12,8 @@ worker task.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import random
 import warnings
@@ -132,12 +134,30 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def keep_large_buffers_out_of_the_heap() -> None:
+    """Serve every allocation over 1 MiB by its own mmap, returned to the system when freed.
+    glibc otherwise raises its mmap threshold after the first large free, so every later batch
+    (tens of MB once converted to float) is carved from the heap, which fragments and never
+    shrinks: the loading process grew by gigabytes over a few hundred steps, whatever the
+    dataset size. Once per process; a no-op where libc is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc (e.g. macOS): no such threshold to fix
+        pass
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: int, start_step: int = 0,
                 rank: int = 0, world: int = 1, num_workers: int = 0, augment: bool | None = None) -> BatchStream:
     """Infinite stream of (images float32 (b, 3, H, W) in [-1, 1], labels int64 (b,)) with
     b = batch_size // world; item k is the batch of step start_step + k.  `train=False`
     walks the data in order without augmentation; `augment=None` means train and
     dataset.augment."""
+    keep_large_buffers_out_of_the_heap()
     use_augment = (train and dataset.augment) if augment is None else augment
     keys = StepBatchKeys(len(dataset), batch_size, seed=seed, start_step=start_step, rank=rank,
                          world=world, shuffle=train)
