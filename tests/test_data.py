@@ -430,3 +430,16 @@ def test_converted_batches_do_not_pile_up_in_the_heap():
 
     assert growth("default") > 1000
     assert growth("fixed") < 100
+
+
+def test_only_streamed_image_folders_fix_the_mmap_threshold(tmp_path, jpeg_root, monkeypatch):
+    """In-memory sets (32-px shapes) keep glibc's default: fixing the threshold makes CPU training
+    allocate more slowly, and their batches are too small to pile up."""
+    from study.data import loader
+
+    calls = []
+    monkeypatch.setattr(loader, "keep_large_buffers_out_of_the_heap", lambda: calls.append(1))
+    loader.make_loader(build_dataset(shapes_cfg(tmp_path), "train"), 4, train=True, seed=0)
+    assert calls == []
+    loader.make_loader(folder_train(jpeg_root), 4, train=True, seed=0)
+    assert calls == [1]

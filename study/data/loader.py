@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from study.data.imagefolder import UnreadableImageError
+from study.data.imagefolder import ImageFolderDataset, UnreadableImageError
 from study.data.sources import ImageDataset
 from study.data.transforms import to_tensor_images
 
@@ -135,18 +135,24 @@ def _seed_worker(worker_id: int) -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_TRIM_THRESHOLD = -1
 MMAP_THRESHOLD_BYTES = 1 << 20
+TRIM_THRESHOLD_BYTES = 256 << 20  # fixing the mmap threshold would also pin this at 128 KiB
 
 
 @functools.cache
 def keep_large_buffers_out_of_the_heap() -> None:
     """Serve every allocation over 1 MiB by its own mmap, returned to the system when freed.
     glibc otherwise raises its mmap threshold after the first large free, so every later batch
-    (tens of MB once converted to float) is carved from the heap, which fragments and never
-    shrinks: the loading process grew by gigabytes over a few hundred steps, whatever the
-    dataset size. Once per process; a no-op where libc is not glibc."""
+    (tens of MB once converted to float) is carved from the heap, small long-lived allocations
+    settle in the holes the batches leave, and the heap only grows: the loading process grew by
+    gigabytes over a few hundred steps of 256-px batches. Once per process; a no-op where libc is
+    not glibc. The heap's top is still kept up to TRIM_THRESHOLD_BYTES: returning it after every
+    step made CPU training page-fault far more."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc (e.g. macOS): no such threshold to fix
         pass
 
@@ -157,7 +163,10 @@ def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: in
     b = batch_size // world; item k is the batch of step start_step + k.  `train=False`
     walks the data in order without augmentation; `augment=None` means train and
     dataset.augment."""
-    keep_large_buffers_out_of_the_heap()
+    if isinstance(dataset, ImageFolderDataset):
+        # image files streamed at full resolution: large batches; small in-memory sets (32-px shapes,
+        # CIFAR) keep glibc's default, under which CPU training allocates faster
+        keep_large_buffers_out_of_the_heap()
     use_augment = (train and dataset.augment) if augment is None else augment
     keys = StepBatchKeys(len(dataset), batch_size, seed=seed, start_step=start_step, rank=rank,
                          world=world, shuffle=train)
