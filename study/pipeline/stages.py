@@ -35,7 +35,7 @@ from study.metrics.probes import linear_probe
 from study.metrics.reference import ReferenceClassifier, class_consistency
 from study.metrics.representation import property_report
 from study.pipeline.reference import train_reference_classifier
-from study.pipeline.configs import (GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
+from study.pipeline.configs import (EvalConfig, GenEvalStage, GeneratorStage, ReferenceStage, TokEvalStage,
                                     TokenizerStage, VFMStage, assemble, check_backbone, check_generator,
                                     check_tokenizer, generator_config, inhouse_objective, missing_data,
                                     missing_tokenizer_inputs, spec_missing, tokenizer_config)
