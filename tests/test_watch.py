@@ -88,7 +88,6 @@ def test_live_view_piped_prints_state_changes_only_and_on_a_terminal_a_bar_per_r
 def test_rerun_of_a_finished_sweep_is_fast_and_rebuilds_the_report_only_when_a_result_changed(tmp_path, monkeypatch,
                                                                                               capsys):
     import subprocess
-    import time
 
     from study import sweep, tracking
     from study.sweep import load_plan
