@@ -199,12 +199,15 @@ class StageJob(submitit.helpers.Checkpointable):
         _limit_threads(item.stage.resources.cpus)
         load_providers([item.stage.kind], plugins)
         rank = join_ranks()
+        finished = False
         try:
-            return run_stage(item, Path(root), tracker, retries if rank is None else 0, self.callbacks,
-                             job_id=job_id(), rank=rank or 0)
+            out = run_stage(item, Path(root), tracker, retries if rank is None else 0, self.callbacks,
+                            job_id=job_id(), rank=rank or 0)
+            finished = True
+            return out
         finally:
             if rank is not None:
-                leave_ranks()
+                leave_ranks(finished)
 
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         ledger.update_status(item.stage.dir(Path(root)), state=State.PREEMPTED.value, preempted=time.time())
@@ -231,9 +234,14 @@ def join_ranks() -> Optional[int]:
     return dist_env.rank
 
 
-def leave_ranks() -> None:
+def leave_ranks(finished: bool = True) -> None:
+    """Leave the stage's process group; after a finished stage only once every rank is done, so that no
+    rank tears its connections down while a peer still exchanges data with it (a rank that left a
+    gather early was aborted by gloo). After an error, at once: the peers may never arrive."""
     import torch.distributed as dist
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from study import schema as S
 from study.training import init_distributed, rank_part, sharded
+from study.worker import leave_ranks
 
 # a rank's share goes through the same network as the whole batch, in smaller batches: float32
 # rounding of the features is the only difference left, and Fréchet distances of 16 images amplify it
@@ -32,10 +33,12 @@ def _rank_main(rank: int, world: int, port: int, out: str, fn, args) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed()
+    finished = False
     try:
         result = fn(*args)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        leave_ranks(finished)
     Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
 
 
