@@ -15,6 +15,8 @@ After a requeue every rank resumes from that same checkpoint.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import submitit
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from study import ledger, schema
 from study.config import dump_yaml
@@ -197,6 +200,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self, item: StageRun, root: str, plugins: list[str], tracker: Optional[Tracker],
                  retries: int) -> dict:
         _limit_threads(item.stage.resources.cpus)
+        requeue_survives_its_own_kill()
         load_providers([item.stage.kind], plugins)
         rank = join_ranks()
         finished = False
@@ -212,6 +216,21 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         ledger.update_status(item.stage.dir(Path(root)), state=State.PREEMPTED.value, preempted=time.time())
         return super().checkpoint(item, root, *args, **kwargs)
+
+
+def _requeue_ignoring_sigterm(env: SlurmJobEnvironment, countdown: int) -> None:
+    subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60,
+                   preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+
+
+def requeue_survives_its_own_kill() -> None:
+    """Make submitit's requeue on preemption reliable. Slurm carries out `scontrol requeue` by
+    sending SIGTERM to every process of the job, and the scontrol that asked is one of them until
+    it exits: when the signal comes first, scontrol dies after the requeue was done and submitit
+    records the preempted job as failed. A SIGTERM ignored before exec stays ignored, so scontrol
+    lives to report (the job's own process bypasses SIGTERM already; Slurm's SIGKILL comes only
+    after its KillWait)."""
+    SlurmJobEnvironment._requeue = _requeue_ignoring_sigterm
 
 
 def join_ranks() -> Optional[int]:

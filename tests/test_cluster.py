@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,13 +42,18 @@ def boom(msg):
 
 
 class ResumableCounter(submitit.helpers.Checkpointable):
-    """Counts to ``n`` slowly; after a preemption it resumes from its checkpointed state."""
+    """Counts to ``n`` slowly; after a preemption it resumes from its checkpointed state.
+    ``hardened``: requeue the way the study's stage jobs do (study.worker)."""
 
-    def __init__(self):
+    def __init__(self, hardened: bool = True):
         self.i = 0
         self.starts: list[int] = []   # value of i at the start of each run (saved in checkpoints)
+        self.hardened = hardened
 
     def __call__(self, n, sleep_s):
+        if self.hardened:
+            from study.worker import requeue_survives_its_own_kill
+            requeue_survives_its_own_kill()
         self.starts.append(self.i)
         print(f"start at i={self.i}", flush=True)
         while self.i < n:
@@ -135,28 +141,50 @@ def test_job_that_raises_is_failed_with_traceback_in_stderr(slurm_cluster, tmp_p
     assert "ValueError: expected failure from the test" in err, err[-2000:]
 
 
+def slow_scontrol(folder) -> str:
+    """A PATH entry whose `scontrol` does the real work, then lingers: Slurm's SIGTERM for the job
+    it requeued then always finds it alive (the race that otherwise shows now and then)."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "scontrol"
+    wrapper.write_text(f'#!/bin/sh\n{shutil.which("scontrol")} "$@"\nrc=$?\nsleep 3\nexit $rc\n')
+    wrapper.chmod(0o755)
+    return str(bin_dir)
+
+
+def preempt_counter(folder, cluster, hardened: bool):
+    # timeout_min > 10: with less, submitit counts every preemption as a timeout
+    ex = make_executor(folder, cluster, timeout_min=20,
+                       slurm_setup=[f"export PATH={slow_scontrol(folder)}:$PATH"])
+    job = ex.submit(ResumableCounter(hardened), 16, 0.5)
+    job._results_timeout_s = 0
+    # let it make some progress, then preempt it (checkpoint + scontrol requeue)
+    wait_for(lambda: "i=3" in (job.stdout() or ""), "the job to count to 3", timeout=90)
+    job._interrupt()
+    return job
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_checkpointable_job_resumes_from_saved_state_after_preemption(slurm_cluster, tmp_path):
-    # timeout_min > 10: with less, submitit counts every preemption as a timeout
-    ex = make_executor(tmp_path, slurm_cluster, timeout_min=20)
-    n = 16
-    job = ex.submit(ResumableCounter(), n, 0.5)
-    job._results_timeout_s = 0
-
-    # let it make some progress, then preempt it (checkpoint + scontrol requeue)
-    wait_for(lambda: "i=3" in (job.stdout() or ""), "the job to count to 3", timeout=90)
-    t = time.monotonic()
-    job._interrupt()
+    job = preempt_counter(tmp_path, slurm_cluster, hardened=True)
     res = job.result()
-    print(f"resumed and finished {time.monotonic() - t:.1f}s after the interrupt: {res}")
-
-    assert res["i"] == n
+    assert res["i"] == 16
     assert res["restarts"] >= 1, res
     assert len(res["starts"]) >= 2, res
     assert res["starts"][0] == 0
-    assert 3 <= res["starts"][-1] < n, f"second run did not resume from the checkpoint: {res}"
+    assert 3 <= res["starts"][-1] < 16, f"second run did not resume from the checkpoint: {res}"
     assert sacct_states(job.job_id) == {job.job_id: "COMPLETED"}
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_plain_submitit_fails_a_preempted_job_when_slurm_kills_scontrol(slurm_cluster, tmp_path):
+    """The control for the test above: without study.worker's requeue, the same slow scontrol is
+    killed by the SIGTERM of the requeue it asked for, and the job reports that as its failure."""
+    job = preempt_counter(tmp_path, slurm_cluster, hardened=False)
+    with pytest.raises(FailedJobError, match=r"scontrol.*requeue.*SIGTERM"):
+        job.result()
 
 
 # ----------------------------------------------------------------------------- MLflow server
