@@ -317,13 +317,11 @@ def test_an_objective_is_one_registered_class_that_declares_its_family_export_an
     class ToyConfig:
         scale: float = 1.0
 
-    class Toy(Objective):
-        name, family, exports, config = "toy_objective", "toy-family", "online", ToyConfig
-
-        def __init__(self, backbone, cfg, image_size, patch_size):
-            super().__init__(backbone)
-            self.cfg = cfg
-
+    class Toy(Objective, name="toy_objective", family="toy-family", exports="online", config=ToyConfig,
+              deviations="""
+              first change
+              second change
+              """):
         def forward(self, images, labels, progress):
             return self.backbone.forward_features(images).mean() * self.cfg.scale, {}
 
@@ -331,10 +329,18 @@ def test_an_objective_is_one_registered_class_that_declares_its_family_export_an
         built = build_objective("toy_objective", nano_vit(), types.SimpleNamespace(toy_objective=ToyConfig(2.0)),
                                 image_size=16, patch_size=4, class_names=CLASSES)
         assert isinstance(built, Toy) and built.cfg.scale == 2.0 and isinstance(built.backbone, nn.Module)
+        assert (built.image_size, built.patch_size, built.class_names) == (16, 4, tuple(CLASSES))
+        assert Toy.deviations == ("first change", "second change")
         with pytest.raises(TypeError, match="declared twice"):
-            type("Again", (Objective,), {"name": "toy_objective"})
+            type("Again", (Objective,), {}, name="toy_objective", family="toy-family")
     finally:
         REGISTRY.pop("toy_objective", None)
+    # the declaration has one place: the class line
+    with pytest.raises(TypeError, match="on the class line"):
+        type("InBody", (Objective,), {"name": "in_body", "family": "toy-family"})
+    with pytest.raises(TypeError, match="exports in"):
+        type("BadExport", (Objective,), {}, name="bad_export", family="toy-family", exports="student")
+    assert "in_body" not in REGISTRY and "bad_export" not in REGISTRY
     with pytest.raises(ValueError, match="did you mean 'dino'"):
         build_objective("dinno", nano_vit(), objective_cfgs(), image_size=16, patch_size=4, class_names=CLASSES)
 

@@ -1,6 +1,6 @@
 """In-house VFM pretraining objectives: one module per objective, each declaring one
 `Objective` subclass (its name, family, exported encoder and config), found by importing
-every module of this package.
+every module of this package (tokenizer.objectives.base: how one declares itself).
 
 | name        | class       | family (registry)            | exported backbone |
 |-------------|-------------|------------------------------|-------------------|
@@ -22,7 +22,7 @@ import pkgutil
 
 from torch import nn
 
-from tokenizer.objectives.base import REGISTRY, Objective
+from tokenizer.objectives.base import REGISTRY, Inputs, Objective
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -41,8 +41,7 @@ def get_objective(name: str) -> type[Objective]:
 def build_objective(name: str, backbone: nn.Module, cfg, *, image_size: int, patch_size: int,
                     class_names: list[str]) -> Objective:
     """`cfg` holds one section per objective (attributes named like the objectives)."""
-    return get_objective(name).build(backbone, cfg, image_size=image_size, patch_size=patch_size,
-                                     class_names=class_names)
+    return get_objective(name).build(backbone, cfg, Inputs(image_size, patch_size, tuple(class_names)))
 
 
-__all__ = ["OBJECTIVES", "REGISTRY", "Objective", "build_objective", "get_objective"]
+__all__ = ["OBJECTIVES", "REGISTRY", "Inputs", "Objective", "build_objective", "get_objective"]

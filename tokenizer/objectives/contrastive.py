@@ -17,9 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from study.config import bounded
-from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.base import Inputs, TeacherObjective
 from tokenizer.objectives.common import (all_gather_nograd, ColorAugConfig, color_augment, make_teacher, mlp,
                                          rank, random_resized_crop, vit_tokens)
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+MoCo v3 projector/predictor hidden 4096, out 256 -> contrastive.hidden / out_dim
+crop scale (0.08,1) -> contrastive.crop_scale; no blur/solarize (colour: contrastive.color)
+batch 4096 -> the study batch (in-batch negatives only)
+exported backbone: the base (query) encoder, as convert_to_deit.py exports it
+"""
 
 
 @dataclass
@@ -42,18 +51,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, labels) * 2 * temperature
 
 
-class MoCoV3(TeacherObjective):
-    name, family, exports = "contrastive", "contrastive", "online"
-    config = ContrastiveConfig
-    deviations = (
-        "MoCo v3 projector/predictor hidden 4096, out 256 -> contrastive.hidden / out_dim",
-        "crop scale (0.08,1) -> contrastive.crop_scale; no blur/solarize (colour: contrastive.color)",
-        "batch 4096 -> the study batch (in-batch negatives only)",
-        "exported backbone: the base (query) encoder, as convert_to_deit.py exports it",
-    )
-
-    def __init__(self, backbone, cfg: ContrastiveConfig, image_size: int, patch_size: int):
-        super().__init__(backbone, cfg, image_size)
+class MoCoV3(TeacherObjective, name="contrastive", family="contrastive", exports="online", config=ContrastiveConfig,
+             deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: ContrastiveConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
         if cfg.freeze_patch_embed:  # stability trick of MoCo v3 for ViTs
             backbone.patch_embed.requires_grad_(False)
         d = backbone.embed_dim

@@ -22,9 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from study.config import bounded
-from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.base import Inputs, TeacherObjective
 from tokenizer.objectives.common import (DINOHead, all_reduce_mean, ColorAugConfig, color_augment,
                                          linear_warmup, make_teacher, random_resized_crop, vit_tokens)
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+DINO head out_dim 65536/hidden 2048/bottleneck 256 -> dino.out_dim/hidden/bottleneck
+multi-crop 2 global (0.4,1)@224 + 8 local (0.05,0.4)@96 -> 2 global @image size + dino.n_local local @local_size_ratio
+no blur/solarize; colour jitter/hue/grayscale per dino.color (recipe: 0.4/0.1/0.2)
+teacher temp warm-up 30 epochs -> dino.teacher_temp_warmup fraction of steps
+EMA momentum 0.996->1 -> dino.momentum (faster teacher for a few hundred steps)
+last layer frozen 1 epoch -> dino.freeze_prototypes fraction of steps
+exported backbone: EMA teacher (as DINO releases it)
+"""
 
 
 @dataclass
@@ -76,22 +88,12 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- objective
-class DINO(TeacherObjective):
-    name, family, exports = "dino", "self-distillation", "teacher"
-    config = DinoConfig
-    deviations = (
-        "DINO head out_dim 65536/hidden 2048/bottleneck 256 -> dino.out_dim/hidden/bottleneck",
-        "multi-crop 2 global (0.4,1)@224 + 8 local (0.05,0.4)@96 -> 2 global @image size + dino.n_local local @local_size_ratio",
-        "no blur/solarize; colour jitter/hue/grayscale per dino.color (recipe: 0.4/0.1/0.2)",
-        "teacher temp warm-up 30 epochs -> dino.teacher_temp_warmup fraction of steps",
-        "EMA momentum 0.996->1 -> dino.momentum (faster teacher for a few hundred steps)",
-        "last layer frozen 1 epoch -> dino.freeze_prototypes fraction of steps",
-        "exported backbone: EMA teacher (as DINO releases it)",
-    )
-
-    def __init__(self, backbone, cfg: DinoConfig, image_size: int, patch_size: int):
-        super().__init__(backbone, cfg, image_size)
-        self.local_size = max(patch_size, round(image_size * cfg.local_size_ratio / patch_size) * patch_size)
+class DINO(TeacherObjective, name="dino", family="self-distillation", exports="teacher", config=DinoConfig,
+           deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: DinoConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
+        p = inputs.patch_size
+        self.local_size = max(p, round(inputs.image_size * cfg.local_size_ratio / p) * p)
         self.head = DINOHead(backbone.embed_dim, cfg.hidden, cfg.bottleneck, cfg.out_dim, cfg.head_layers)
         self.teacher_backbone = make_teacher(self.backbone)
         self.teacher_head = make_teacher(self.head)

@@ -20,8 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import bounded
+from tokenizer.objectives.base import Inputs
 from tokenizer.objectives.common import block_mask, linear_warmup, num_prefix, vit_blocks, vit_embed, vit_tokens
-from tokenizer.objectives.dino import DINO, DinoConfig, cross_view_ce, entropy, teacher_probs, update_center
+from tokenizer.objectives.dino import (DEVIATIONS as DINO_DEVIATIONS, DINO, DinoConfig, cross_view_ce, entropy,
+                                       teacher_probs, update_center)
+
+
+# The published recipe's parts iBOT changes besides DINO's, one a line (a run logs both: the
+# [CLS] part is DINO's recipe).
+DEVIATIONS = """
+iBOT out-dim 8192 -> dino.out_dim (shared head, as in the S/16 recipe)
+10 local crops (0.05,0.25) -> the dino block's local crops, so dino and ibot differ only by the patch term
+block masks topped up with random patches so the prediction ratio is exact
+patch centre updated from the teacher's outputs at masked positions (a subsample) rather than all patches
+"""
 
 
 @dataclass
@@ -34,24 +46,16 @@ class IbotConfig:
     patch_weight: float = bounded(1.0, ge=0)  # λ2 (λ1 = 1)
 
 
-class IBOT(DINO):
-    name, family, exports = "ibot", "self-distillation+latent-mim", "teacher"
-    config = IbotConfig
-    deviations = DINO.deviations + (
-        "iBOT out-dim 8192 -> dino.out_dim (shared head, as in the S/16 recipe)",
-        "10 local crops (0.05,0.25) -> the dino block's local crops, so dino and ibot differ only by the patch term",
-        "block masks topped up with random patches so the prediction ratio is exact",
-        "patch centre updated from the teacher's outputs at masked positions (a subsample) rather than all patches",
-    )
-
+class IBOT(DINO, name="ibot", family="self-distillation+latent-mim", exports="teacher", config=IbotConfig,
+           deviations=DINO_DEVIATIONS + DEVIATIONS):
     @classmethod
-    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
-        return cls(backbone, cfg.dino, cfg.ibot, image_size, patch_size)  # iBOT extends the dino block
+    def build(cls, backbone, cfg, inputs):
+        return cls(backbone, cfg.dino, cfg.ibot, inputs)  # iBOT extends the dino block
 
-    def __init__(self, backbone, dino: DinoConfig, cfg: IbotConfig, image_size: int, patch_size: int):
-        super().__init__(backbone, dino, image_size, patch_size)
+    def __init__(self, backbone, dino: DinoConfig, cfg: IbotConfig, inputs: Inputs):
+        super().__init__(backbone, dino, inputs)
         self.icfg = cfg
-        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.grid = (inputs.image_size // inputs.patch_size,) * 2
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("center_patch", torch.zeros(dino.out_dim))

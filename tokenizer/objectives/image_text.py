@@ -29,8 +29,19 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from study.config import bounded
-from tokenizer.objectives.base import Objective
+from tokenizer.objectives.base import Inputs, Objective
 from tokenizer.objectives.common import pool, random_resized_crop, vit_tokens
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+SigLIP MAP head -> mean of patch tokens + linear projection
+text transformer -> image_text.text_depth x text_dim over a word vocabulary built from class names + colours
+captions composed in-project (class-name words + background colour word), not web alt-text
+multi-positive sigmoid targets (caption attributes subset of image attributes) instead of the diagonal
+batch 32k -> the study batch
+"""
+
 
 TEMPLATES = ("{}", "a {}", "a photo of a {}", "an image of a {}", "a picture of a {} shape")
 COLOUR_CLAUSE = "on a {} background"
@@ -159,24 +170,11 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, positive: torch.Tensor,
     return -F.logsigmoid(z * logits).sum() / img.shape[0]
 
 
-class ImageText(Objective):
-    name, family, exports = "image_text", "image-text-contrastive", "online"
-    config = ImageTextConfig
-    deviations = (
-        "SigLIP MAP head -> mean of patch tokens + linear projection",
-        "text transformer -> image_text.text_depth x text_dim over a word vocabulary built from class names + colours",
-        "captions composed in-project (class-name words + background colour word), not web alt-text",
-        "multi-positive sigmoid targets (caption attributes subset of image attributes) instead of the diagonal",
-        "batch 32k -> the study batch",
-    )
-
-    @classmethod
-    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
-        return cls(backbone, cfg.image_text, image_size, class_names)
-
-    def __init__(self, backbone, cfg: ImageTextConfig, image_size: int, class_names: list[str]):
-        super().__init__(backbone, cfg, image_size)
-        self.vocab = CaptionVocab(list(class_names))
+class ImageText(Objective, name="image_text", family="image-text-contrastive", exports="online",
+                config=ImageTextConfig, deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: ImageTextConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
+        self.vocab = CaptionVocab(list(inputs.class_names))
         self.image_proj = nn.Linear(backbone.embed_dim, cfg.embed_dim)
         self.text = TextTower(len(self.vocab), self.vocab.max_len, cfg.text_dim, cfg.text_depth,
                               cfg.text_heads, cfg.embed_dim)

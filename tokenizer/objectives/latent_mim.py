@@ -23,9 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import bounded
-from tokenizer.objectives.base import TeacherObjective
+from tokenizer.objectives.base import Inputs, TeacherObjective
 from tokenizer.objectives.common import (block_mask, ColorAugConfig, color_augment, make_teacher, num_prefix,
                                          random_resized_crop, vit_blocks, vit_embed)
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+data2vec v1 EMA 0.999->0.9998 -> latent_mim.momentum
+top-K 6 of 12 blocks -> round(depth * latent_mim.top_k_frac)
+targets from block outputs (post-residual), not the FFN output before the last residual
+smooth-L1 averaged over elements, not summed over channels / sqrt(D)
+crop scale (0.08,1) at 224 -> latent_mim.crop_scale at 32 px; colour distortion per latent_mim.color
+exported backbone: EMA teacher (data2vec releases the student)
+"""
 
 
 @dataclass
@@ -46,21 +57,11 @@ def layer_targets(layers: list[torch.Tensor], k: int, prefix: int) -> torch.Tens
     return F.layer_norm(avg, avg.shape[-1:])
 
 
-class LatentMIM(TeacherObjective):
-    name, family, exports = "latent_mim", "latent-mim", "teacher"
-    config = LatentMimConfig
-    deviations = (
-        "data2vec v1 EMA 0.999->0.9998 -> latent_mim.momentum",
-        "top-K 6 of 12 blocks -> round(depth * latent_mim.top_k_frac)",
-        "targets from block outputs (post-residual), not the FFN output before the last residual",
-        "smooth-L1 averaged over elements, not summed over channels / sqrt(D)",
-        "crop scale (0.08,1) at 224 -> latent_mim.crop_scale at 32 px; colour distortion per latent_mim.color",
-        "exported backbone: EMA teacher (data2vec releases the student)",
-    )
-
-    def __init__(self, backbone, cfg: LatentMimConfig, image_size: int, patch_size: int):
-        super().__init__(backbone, cfg, image_size)
-        self.grid = (image_size // patch_size, image_size // patch_size)
+class LatentMIM(TeacherObjective, name="latent_mim", family="latent-mim", exports="teacher", config=LatentMimConfig,
+                deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: LatentMimConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
+        self.grid = (inputs.image_size // inputs.patch_size,) * 2
         d = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.mask_token, std=0.02)

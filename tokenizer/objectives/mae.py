@@ -19,8 +19,15 @@ from torch import nn
 
 from generators.layers import sincos_2d
 from study.config import bounded
-from tokenizer.objectives.base import Objective
+from tokenizer.objectives.base import Inputs, Objective
 from tokenizer.objectives.common import num_prefix, random_mask, random_resized_crop, vit_blocks, vit_embed
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+decoder 8 blocks x 512 -> mae.decoder_depth x mae.decoder_dim
+exported backbone: the encoder (all patches visible at inference)
+"""
 
 
 @dataclass
@@ -40,18 +47,11 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-class MAE(Objective):
-    name, family, exports = "mae", "pixel-mim", "online"
-    config = MaeConfig
-    deviations = (
-        "decoder 8 blocks x 512 -> mae.decoder_depth x mae.decoder_dim",
-        "exported backbone: the encoder (all patches visible at inference)",
-    )
-
-    def __init__(self, backbone, cfg: MaeConfig, image_size: int, patch_size: int):
-        super().__init__(backbone, cfg, image_size)
-        self.patch = patch_size
-        grid = image_size // patch_size
+class MAE(Objective, name="mae", family="pixel-mim", exports="online", config=MaeConfig, deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: MaeConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
+        patch_size = inputs.patch_size
+        grid = inputs.image_size // patch_size
         self.num_patches = grid * grid
         d = cfg.decoder_dim
         self.decoder_embed = nn.Linear(backbone.embed_dim, d)
@@ -88,7 +88,7 @@ class MAE(Objective):
         mask = random_mask(b, self.num_patches, n_mask, view.device)       # (B, N) True = hidden
         keep = (~mask).nonzero()[:, 1].reshape(b, -1)                      # (B, n_keep), sorted
         pred = self.decode(self.encode_visible(view, keep), keep)
-        target = patchify(view, self.patch)
+        target = patchify(view, self.patch_size)
         if c.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()

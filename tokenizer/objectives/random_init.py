@@ -6,11 +6,9 @@ from __future__ import annotations
 from tokenizer.objectives.base import Objective
 
 
-class RandomInit(Objective):
-    name, family, exports = "random", "none", "init"
-
+class RandomInit(Objective, name="random", family="none", exports="init"):
     @classmethod
-    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
+    def build(cls, backbone, cfg, inputs):
         raise ValueError("objective 'random' trains nothing: tokenizer.pretrain saves the seeded init")
 
     def forward(self, images, labels, progress):

@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.config import bounded
-from tokenizer.objectives.base import Objective
+from tokenizer.objectives.base import Inputs, Objective
 from tokenizer.objectives.common import pool, random_resized_crop, vit_tokens
+
+
+# The published recipe's parts this objective changes, one a line (logged with every run).
+DEVIATIONS = """
+DeiT: no mixup/cutmix/RandAugment/repeated aug/stochastic depth; crop + flip only
+linear head on supervised.pool tokens (default: mean of patch tokens) rather than CLS
+"""
 
 
 @dataclass
@@ -26,21 +33,11 @@ class SupervisedConfig:
     crop_scale: tuple[float, float] = bounded((0.35, 1.0), gt=0, le=1)
 
 
-class Supervised(Objective):
-    name, family, exports = "supervised", "supervised", "online"
-    config = SupervisedConfig
-    deviations = (
-        "DeiT: no mixup/cutmix/RandAugment/repeated aug/stochastic depth; crop + flip only",
-        "linear head on supervised.pool tokens (default: mean of patch tokens) rather than CLS",
-    )
-
-    @classmethod
-    def build(cls, backbone, cfg, *, image_size, patch_size, class_names):
-        return cls(backbone, cfg.supervised, image_size, len(class_names))
-
-    def __init__(self, backbone, cfg: SupervisedConfig, image_size: int, num_classes: int):
-        super().__init__(backbone, cfg, image_size)
-        self.classifier = nn.Linear(backbone.embed_dim, num_classes)
+class Supervised(Objective, name="supervised", family="supervised", exports="online", config=SupervisedConfig,
+                 deviations=DEVIATIONS):
+    def __init__(self, backbone, cfg: SupervisedConfig, inputs: Inputs):
+        super().__init__(backbone, cfg, inputs)
+        self.classifier = nn.Linear(backbone.embed_dim, len(inputs.class_names))
 
     def forward(self, images, labels, progress):
         view = random_resized_crop(images, self.image_size, self.cfg.crop_scale)
