@@ -40,7 +40,7 @@ def test_16_concurrent_writers_lose_nothing(tmp_path, template_db):
     uri = tracking.default_uri(tmp_path)
     exp = tracking.init_store(uri, "concurrency", tmp_path / "art")  # controller: before any worker
     sweep = tracking.start_sweep(uri, exp, "concurrency", {})
-    runs = [tracking.start_run(sweep, f"cell-{i}", {"i": str(i)}) for i in range(16)]
+    runs = [tracking.start_run(sweep, f"cell-{i}", {"i": str(i)}).run_id for i in range(16)]
     steps = 20
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, exp, sweep.parent_run_id, r, str(steps)],
