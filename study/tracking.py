@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # the writers in jobs import this module: keep it free of the
 
 T = TypeVar("T")
 _PACKAGES = ("torch", "mlflow", "optuna", "submitit", "vfmstudy")
-_MAX_ITEMS, _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 1000, 100, 100  # MLflow's limits per log_batch call
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,7 @@ def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[st
         all_tags[schema.PARENT_RUN] = tracker.parent_run_id
     info = retry(client.create_run, tracker.experiment_id, run_name=name, tags=all_tags).info
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
-    for i in range(0, len(flat), _MAX_PARAMS):
-        retry(client.log_batch, info.run_id, params=flat[i:i + _MAX_PARAMS])
+    retry(client.log_batch, info.run_id, params=flat)  # the client splits it within MLflow's limits per call
     return Run(info.run_id, info.artifact_uri)
 
 
@@ -151,24 +149,14 @@ def start_sweep(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -
 
 def log_batch(tracker: Tracker, run_ids: list[str], metrics: Optional[dict[str, float]] = None, step: int = 0,
               tags: Optional[dict[str, str]] = None) -> None:
-    """Metrics (at `step`) and tags into each run, in as few store calls as MLflow's limits allow:
-    one per run for a stage's result (each call is a transaction of its own)."""
+    """Metrics (at `step`) and tags into each run: one client call per run (the client splits it
+    within MLflow's limits per store call; a retried call logs nothing twice)."""
     from mlflow.entities import Metric, RunTag
     now = int(time.time() * 1000)
     points = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
     labels = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
     for run_id in run_ids:
-        for some_points, some_labels in _batches(points, labels):
-            retry(tracker.client.log_batch, run_id, metrics=some_points, tags=some_labels)
-
-
-def _batches(points: list, labels: list):
-    """(metrics, tags) slices within MLflow's limits per call, every item exactly once."""
-    while points or labels:
-        some_labels, labels = labels[:_MAX_TAGS], labels[_MAX_TAGS:]
-        room = min(_MAX_METRICS, _MAX_ITEMS - len(some_labels))
-        some_points, points = points[:room], points[room:]
-        yield some_points, some_labels
+        retry(tracker.client.log_batch, run_id, metrics=points, tags=labels)
 
 
 def log_artifact(tracker: Tracker, run_ids: list[str], path: Path, artifact_dir: str,
