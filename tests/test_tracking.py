@@ -236,3 +236,18 @@ def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp
             assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/note.txt"]
             assert [a.path for a in client.list_artifacts(run.info.run_id, "stages/toy_report")] == \
                 ["stages/toy_report/config.yaml"]
+
+
+def test_an_artifact_lands_in_the_runs_root_whether_its_writer_knows_the_root_or_reads_it(tmp_path, template_db):
+    """A run this process created is written to the root create_run returned; a run from another
+    controller (no root known) is read back from the store first: MLflow lists both files in one run."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = tracking.default_uri(tmp_path)
+    sweep = tracking.start_sweep(uri, tracking.init_store(uri, "roots", tmp_path / "art"), "roots", {})
+    run = tracking.start_run(sweep, "cell", {})
+    for name, uris in (("known.txt", {run.run_id: run.artifact_uri}), ("read.txt", None)):
+        (tmp_path / name).write_text(name)
+        tracking.log_artifact(sweep, [run.run_id], tmp_path / name, "notes", uris)
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/known.txt", "notes/read.txt"]
+    assert Path(client.download_artifacts(run.run_id, "notes/known.txt", str(tmp_path / "out"))).read_text() == "known.txt"
