@@ -85,15 +85,15 @@ def resolved_params(cell: Cell) -> dict:
 
 
 def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
-                  extra_tags: Optional[dict[str, str]] = None) -> str:
+                  extra_tags: Optional[dict[str, str]] = None) -> tracking.Run:
     """A cell's MLflow run under the sweep run; stages that already ran are logged into it now."""
     tags = {schema.CELL_ID: cell.id, schema.SWEEP: plan.spec.name, schema.ROLE: schema.ROLE_CELL,
             schema.CELL: cell.id, **_seed_tag(plan.spec, cell),
             **{schema.stage_tag(k): s.id for k, s in cell.stages.items()},
             **{schema.AXIS_PREFIX + k: str(v) for k, v in cell.values.items()}, **(extra_tags or {})}
-    run_id = tracking.start_run(tracker, name, tags, params=resolved_params(cell))
-    _log_cached(plan, tracker, cell, run_id)
-    return run_id
+    run = tracking.start_run(tracker, name, tags, params=resolved_params(cell))
+    _log_cached(plan, tracker, cell, run)
+    return run
 
 
 class CellRuns:
@@ -106,6 +106,7 @@ class CellRuns:
                  extra_tags: Optional[dict[str, str]] = None):
         self.plan, self.tracker, self.known, self.remember = plan, tracker, dict(known), remember
         self.name, self.extra_tags = name or cell_name, extra_tags
+        self.artifact_uris: dict[str, str] = {}  # run id -> artifact root, of the runs created here
         self.cells_of: dict[str, list[Cell]] = {}
         for cell in plan.cells:
             for st in cell.stages.values():
@@ -113,14 +114,17 @@ class CellRuns:
 
     def run_id(self, cell: Cell) -> str:
         if cell.id not in self.known:
-            self.known[cell.id] = open_cell_run(self.plan, self.tracker, cell, self.name(cell), self.extra_tags)
-            self.remember(cell.id, self.known[cell.id])
+            run = open_cell_run(self.plan, self.tracker, cell, self.name(cell), self.extra_tags)
+            self.known[cell.id], self.artifact_uris[run.run_id] = run.run_id, run.artifact_uri
+            self.remember(cell.id, run.run_id)
         return self.known[cell.id]
 
     def stage_run(self, key: str) -> StageRun:
         cells = self.cells_of.get(key, [])
         last = [c for c in cells if list(c.stages.values())[-1].key == key]
-        return StageRun(self.plan.stages[key], [self.run_id(c) for c in cells], [self.run_id(c) for c in last])
+        run_ids = [self.run_id(c) for c in cells]
+        return StageRun(self.plan.stages[key], run_ids, [self.run_id(c) for c in last],
+                        {r: self.artifact_uris[r] for r in run_ids if r in self.artifact_uris})
 
     def close(self) -> None:
         """At the end: a cell that failed gets its error tag and traceback; a cell served whole
@@ -128,7 +132,8 @@ class CellRuns:
         for cell in self.plan.cells:
             failed = first_failure(self.plan.root, cell)
             if failed is not None:
-                record_failure(self.tracker, self.run_id(cell), *failed)
+                run_id = self.run_id(cell)
+                record_failure(self.tracker, run_id, *failed, artifact_uri=self.artifact_uris.get(run_id))
             elif cell.id not in self.known and all(
                     ledger.read_status(st.dir(self.plan.root))["state"] == State.COMPLETED
                     for st in cell.stages.values()):
@@ -145,12 +150,13 @@ def first_failure(root: Path, cell: Cell) -> Optional[tuple[str, str, Path]]:
     return None
 
 
-def record_failure(tracker: Tracker, run_id: str, reason: str, trace: str, folder: Path) -> None:
+def record_failure(tracker: Tracker, run_id: str, reason: str, trace: str, folder: Path,
+                   artifact_uri: Optional[str] = None) -> None:
     """The error tag and the traceback artifact of a failed run, which ends FAILED."""
     path = Path(folder) / schema.TRACEBACK_FILE
     atomic_write_text(path, reason + "\n\n" + trace)
-    tracking.set_tags(tracker, [run_id], {schema.ERROR: reason})
-    tracking.log_artifact(tracker, [run_id], path, schema.ERRORS_DIR)
+    tracking.log_batch(tracker, [run_id], tags={schema.ERROR: reason})
+    tracking.log_artifact(tracker, [run_id], path, schema.ERRORS_DIR, {run_id: artifact_uri} if artifact_uri else None)
     tracking.end_runs(tracker, [run_id], "FAILED")
 
 
@@ -224,7 +230,7 @@ def _seed_tag(spec, cell: Cell) -> dict[str, str]:
     return {}
 
 
-def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) -> None:
+def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run: tracking.Run) -> None:
     """A new cell run whose stages already ran (in another sweep) gets their results now."""
     done = 0
     for kind, st in cell.stages.items():
@@ -232,10 +238,10 @@ def _log_cached(plan: Plan, tracker: tracking.Tracker, cell: Cell, run_id: str) 
         status = ledger.read_status(st.dir(plan.root))
         if result is not None and status["state"] == State.COMPLETED:
             done += 1
-            tracking.log_stage_result(tracker, [run_id], kind, st.dir(plan.root), result,
-                                      step=int(status.get("step") or 0))
+            tracking.log_stage_result(tracker, [run.run_id], kind, st.dir(plan.root), result,
+                                      step=int(status.get("step") or 0), artifact_uris={run.run_id: run.artifact_uri})
     if done == len(cell.stages):
-        tracking.end_runs(tracker, [run_id], "FINISHED")
+        tracking.end_runs(tracker, [run.run_id], "FINISHED")
 
 
 def cell_name(cell: Cell) -> str:

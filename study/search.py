@@ -270,7 +270,7 @@ class Search:
         if self.tracker:
             run_id = t.runs.run_id(t.plan.cells[0]) if t and t.runs else tracking.start_run(
                 self.tracker, f"trial-{number}", {schema.SWEEP: self.spec.name, schema.TRIAL_NUMBER: str(number),
-                                                  schema.OPTUNA_STUDY: self.study.study_name})
+                                                  schema.OPTUNA_STUDY: self.study.study_name}).run_id
             record_failure(self.tracker, run_id, reason, trace, folder)
         if t is not None:
             t.told = True

@@ -119,46 +119,57 @@ def job_tags() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in env.items() if var in os.environ}
 
 
+@dataclass(frozen=True)
+class Run:
+    """A run as its creator knows it: the id, and where its artifacts go (so that writers need not
+    read the run back from the store to find out)."""
+    run_id: str
+    artifact_uri: str
+
+
 def start_run(tracker: Tracker, name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
-              parent: bool = False) -> str:
+              parent: bool = False) -> Run:
     from mlflow.entities import Param
     client = tracker.client
     all_tags = dict(tags)
     if not parent:
         all_tags[schema.PARENT_RUN] = tracker.parent_run_id
-    run = retry(client.create_run, tracker.experiment_id, run_name=name, tags=all_tags)
+    info = retry(client.create_run, tracker.experiment_id, run_name=name, tags=all_tags).info
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
-    for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch call
-        retry(client.log_batch, run.info.run_id, params=flat[i:i + 100])
-    return run.info.run_id
+    retry(client.log_batch, info.run_id, params=flat)  # the client splits it within MLflow's limits per call
+    return Run(info.run_id, info.artifact_uri)
 
 
 def start_sweep(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> Tracker:
     base = Tracker(uri, experiment_id, "")
-    run_id = start_run(base, name, {schema.SWEEP: name, schema.ROLE: schema.ROLE_SWEEP, **provenance(), **tags},
-                       parent=True)
-    return Tracker(uri, experiment_id, run_id)
+    run = start_run(base, name, {schema.SWEEP: name, schema.ROLE: schema.ROLE_SWEEP, **provenance(), **tags},
+                    parent=True)
+    return Tracker(uri, experiment_id, run.run_id)
 
 
-def log_metrics(tracker: Tracker, run_ids: list[str], metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
+def log_batch(tracker: Tracker, run_ids: list[str], metrics: Optional[dict[str, float]] = None, step: int = 0,
+              tags: Optional[dict[str, str]] = None) -> None:
+    """Metrics (at `step`) and tags into each run: one client call per run (the client splits it
+    within MLflow's limits per store call; a retried call logs nothing twice)."""
+    from mlflow.entities import Metric, RunTag
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    points = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+    labels = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
     for run_id in run_ids:
-        for i in range(0, len(items), 1000):
-            retry(tracker.client.log_batch, run_id, metrics=items[i:i + 1000])
+        retry(tracker.client.log_batch, run_id, metrics=points, tags=labels)
 
 
-def set_tags(tracker: Tracker, run_ids: list[str], tags: dict[str, str]) -> None:
-    from mlflow.entities import RunTag
-    items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+def log_artifact(tracker: Tracker, run_ids: list[str], path: Path, artifact_dir: str,
+                 artifact_uris: Optional[dict[str, str]] = None) -> None:
+    """`artifact_uris`: run id -> the run's artifact root where the caller knows it (a run this
+    process created); any other run is read from the store to find its root."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     for run_id in run_ids:
-        retry(tracker.client.log_batch, run_id, tags=items)
-
-
-def log_artifact(tracker: Tracker, run_ids: list[str], path: Path, artifact_dir: str) -> None:
-    for run_id in run_ids:
-        retry(tracker.client.log_artifact, run_id, str(path), artifact_dir)
+        uri = (artifact_uris or {}).get(run_id)
+        if uri is None:
+            retry(tracker.client.log_artifact, run_id, str(path), artifact_dir)
+        else:
+            retry(get_artifact_repository(uri, tracking_uri=tracker.uri).log_artifact, str(path), artifact_dir)
 
 
 def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
@@ -178,22 +189,23 @@ def delete_run(tracker: Tracker, run_id: str) -> None:
 
 
 def log_stage_result(tracker: Tracker, run_ids: list[str], kind: str, stage_dir: Path, result: StageResult,
-                     step: int = 0, curves: Optional[dict[str, int]] = None) -> None:
+                     step: int = 0, curves: Optional[dict[str, int]] = None,
+                     artifact_uris: Optional[dict[str, str]] = None) -> None:
     """A finished stage's result into the cell runs that contain it: its metrics as
-    `<kind>/<key>`, its tags (e.g. backbone, family), its config and its artifacts.
-    `step`: the stage's last training step, so that a final value shares the x axis of the
+    `<kind>/<key>` and its tags (e.g. backbone, family) in one call per run, its config and its
+    artifacts. `step`: the stage's last training step, so that a final value shares the x axis of the
     curve the stage's callback logged under the same name (at step 0 it would read as the
     curve's starting point). `curves`: name -> last step the callback logged it at; a final value
     the curve already holds at that step is not logged a second time."""
     curves = curves or {}
     metrics = {schema.metric(kind, k): v for k, v in result.metrics.items()}
-    log_metrics(tracker, run_ids, {name: v for name, v in metrics.items() if curves.get(name) != step}, step=step)
-    if result.tags:
-        set_tags(tracker, run_ids, result.tags)
-    log_artifact(tracker, run_ids, Path(stage_dir) / schema.STAGE_CONFIG, schema.stage_config_artifact_dir(kind))
+    log_batch(tracker, run_ids, {name: v for name, v in metrics.items() if curves.get(name) != step}, step=step,
+              tags=result.tags)
+    log_artifact(tracker, run_ids, Path(stage_dir) / schema.STAGE_CONFIG, schema.stage_config_artifact_dir(kind),
+                 artifact_uris)
     for folder, files in result.artifacts.items():
         for name in files:
-            log_artifact(tracker, run_ids, ledger.result_path(stage_dir, name), folder)
+            log_artifact(tracker, run_ids, ledger.result_path(stage_dir, name), folder, artifact_uris)
 
 
 class MlflowCallback(Callback):
@@ -205,7 +217,7 @@ class MlflowCallback(Callback):
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         named = {schema.metric(self.prefix, k): v for k, v in metrics.items()}
-        log_metrics(self.tracker, self.run_ids, named, step)
+        log_batch(self.tracker, self.run_ids, named, step)
         self.last_step.update(dict.fromkeys(named, step))
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:

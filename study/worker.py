@@ -30,7 +30,7 @@ from study import ledger, schema
 from study.config import dump_yaml
 from study.ledger import State
 from study.stages import Stage, StageContext, StageResult, Upstream, get_kind, load_providers, read_stage_result
-from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_stage_result, set_tags
+from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_batch, log_stage_result
 from study.training import Callback
 
 
@@ -40,6 +40,7 @@ class StageRun:
     stage: Stage
     run_ids: list[str] = field(default_factory=list)  # cell runs containing the stage
     finishes: list[str] = field(default_factory=list)  # cell runs whose last stage this is
+    artifact_uris: dict[str, str] = field(default_factory=dict)  # run id -> artifact root, where the controller knows it
 
 
 class StageFailed(RuntimeError):
@@ -102,8 +103,8 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
             if tracker and item.run_ids:
                 curves = MlflowCallback(tracker, item.run_ids, stage.kind)
                 callbacks.append(curves)
-                set_tags(tracker, item.run_ids, {schema.stage_tag(stage.kind): stage.id,
-                                                 schema.stage_job_tag(stage.kind): job_id, **job_tags()})
+                log_batch(tracker, item.run_ids, tags={schema.stage_tag(stage.kind): stage.id,
+                                                       schema.stage_job_tag(stage.kind): job_id, **job_tags()})
             try:
                 result = kind.run(StageContext(stage.config, sdir, inputs, callbacks))
                 if not isinstance(result, StageResult):
@@ -133,7 +134,8 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
                              runtime_s=ended - status["started"])
     if tracker and item.run_ids:
         log_stage_result(tracker, item.run_ids, stage.kind, sdir, result,
-                         step=int(ledger.read_status(sdir).get("step") or 0), curves=curves.last_step)
+                         step=int(ledger.read_status(sdir).get("step") or 0), curves=curves.last_step,
+                         artifact_uris=item.artifact_uris)
         if item.finishes:
             end_runs(tracker, item.finishes, "FINISHED")
     return result

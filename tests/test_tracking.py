@@ -40,7 +40,7 @@ def test_16_concurrent_writers_lose_nothing(tmp_path, template_db):
     uri = tracking.default_uri(tmp_path)
     exp = tracking.init_store(uri, "concurrency", tmp_path / "art")  # controller: before any worker
     sweep = tracking.start_sweep(uri, exp, "concurrency", {})
-    runs = [tracking.start_run(sweep, f"cell-{i}", {"i": str(i)}) for i in range(16)]
+    runs = [tracking.start_run(sweep, f"cell-{i}", {"i": str(i)}).run_id for i in range(16)]
     steps = 20
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, exp, sweep.parent_run_id, r, str(steps)],
@@ -205,3 +205,49 @@ def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, template_
     assert main([str(path)]) == 0
     assert events.count("open") == 3 and events.count("stage") == 6
     assert events.index("stage") < len(events) - 1 - events[::-1].index("open")  # a stage ran before the last open
+
+
+def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp_path, template_db):
+    """A result wider than one MLflow call takes (1100 metrics, 150 tags) lands in its cell's run
+    whole: every metric (one point, the stage's value), tag, resolved param and artifact, the run
+    FINISHED under the sweep run; --force recomputes into fresh runs without a second point."""
+    from study.controller import resolved_params
+    from study.stages import read_stage_result
+    from study.sweep import load_plan
+    path = tracked_spec(tmp_path, template_db, stages=["toy_report"], seeds=[0, 1],
+                        base={"report": {"metrics": 1100, "tags": 150}})
+    plan = load_plan(str(path))
+    for round_ in ("run", "force"):
+        assert main([str(path)] + (["--force"] if round_ == "force" else [])) == 0
+        client, parent, runs = cell_runs(tmp_path / "study", "truth")
+        assert parent.info.status == "FINISHED" and len(runs) == 2
+        for cell in plan.cells:
+            run = next(r for r in runs if r.data.tags[schema.CELL_ID] == cell.id)
+            stage = cell.stages["toy_report"]
+            result = read_stage_result(stage.dir(plan.root))
+            assert run.info.status == "FINISHED" and run.data.tags[schema.PARENT_RUN] == parent.info.run_id
+            assert run.data.metrics == {f"toy_report/{k}": v for k, v in result.metrics.items()}
+            assert len(run.data.metrics) == 1100 and run.data.metrics["toy_report/m7"] == cell.config["seed"] + 7 / 8
+            assert {k: run.data.tags[k] for k in result.tags} == result.tags and len(result.tags) == 150
+            assert run.data.tags[schema.stage_tag("toy_report")] == stage.id
+            assert run.data.params == {k: str(v) for k, v in resolved_params(cell).items()}
+            for key in ("toy_report/m0", "toy_report/m1099"):
+                assert len(client.get_metric_history(run.info.run_id, key)) == 1, (round_, key)
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/note.txt"]
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "stages/toy_report")] == \
+                ["stages/toy_report/config.yaml"]
+
+
+def test_an_artifact_lands_in_the_runs_root_whether_its_writer_knows_the_root_or_reads_it(tmp_path, template_db):
+    """A run this process created is written to the root create_run returned; a run from another
+    controller (no root known) is read back from the store first: MLflow lists both files in one run."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = tracking.default_uri(tmp_path)
+    sweep = tracking.start_sweep(uri, tracking.init_store(uri, "roots", tmp_path / "art"), "roots", {})
+    run = tracking.start_run(sweep, "cell", {})
+    for name, uris in (("known.txt", {run.run_id: run.artifact_uri}), ("read.txt", None)):
+        (tmp_path / name).write_text(name)
+        tracking.log_artifact(sweep, [run.run_id], tmp_path / name, "notes", uris)
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/known.txt", "notes/read.txt"]
+    assert Path(client.download_artifacts(run.run_id, "notes/known.txt", str(tmp_path / "out"))).read_text() == "known.txt"

@@ -3,6 +3,7 @@
     toy_data  -> a regression dataset (y = x·w + noise) written to data.pt
     toy_train -> an MLP trained on it with study.training.Trainer (real checkpoints, resume, callbacks)
     toy_eval  -> MSE of the trained model on fresh test points
+    toy_report -> `report.metrics` metrics and `report.tags` tags and an artifact (no inputs; tracking tests)
 
 It runs in a second or two on one CPU core, so sweeps of it exercise launching, caching,
 preemption and tracking for real. `toy.fail_at` makes a stage raise (failure-path tests).
@@ -144,6 +145,28 @@ def run_eval(ctx: StageContext) -> StageResult:
     with torch.no_grad():
         err = model(x) - y
     return StageResult(metrics={"mse": float((err ** 2).mean()), "mae": float(err.abs().mean())})
+
+
+@dataclass
+class ToyReport:
+    metrics: int = 3
+    tags: int = 2
+
+
+@dataclass
+class ReportStage:
+    report: ToyReport = field(default_factory=ToyReport)
+    seed: int = 0
+
+
+@register_stage("toy_report", ReportStage)
+def run_report(ctx: StageContext) -> StageResult:
+    """A result as wide as asked (metrics, tags) with an artifact: more than MLflow takes in one call."""
+    r = ctx.config.report
+    (ctx.dir / "note.txt").write_text(f"seed {ctx.config.seed}\n")
+    return StageResult(metrics={f"m{i}": ctx.config.seed + i / 8 for i in range(r.metrics)},
+                       tags={f"t{i}": f"{ctx.config.seed}-{i}" for i in range(r.tags)},
+                       artifacts={"notes": ["note.txt"]})
 
 
 PLUGINS = [__name__]  # a sweep spec's `plugins:` entry that registers these kinds
