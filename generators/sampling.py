@@ -10,8 +10,9 @@ not in VFMTok).  `cfg_interval = k >= 0` switches guidance off for tokens with i
 Per decoded token the work is kept to what the draw needs: guidance is applied to the head's
 input (the head is linear and bias-free, so the result equals guiding the logits, at half the
 head's cost), eager decoding attends to the filled cache slots only, and the token is drawn by
-inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry.
-The draw's distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
+inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry; over a
+whole vocabulary in two levels (a block by block masses, then an entry inside it).  The draw's
+distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
 """
 
 from __future__ import annotations
