@@ -10,8 +10,9 @@ not in VFMTok).  `cfg_interval = k >= 0` switches guidance off for tokens with i
 Per decoded token the work is kept to what the draw needs: guidance is applied to the head's
 input (the head is linear and bias-free, so the result equals guiding the logits, at half the
 head's cost), eager decoding attends to the filled cache slots only, and the token is drawn by
-inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry.
-The draw's distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
+inverse CDF, one uniform number per row, where `multinomial` draws one per vocabulary entry; over a
+whole vocabulary in two levels (a block by block masses, then an entry inside it).  The draw's
+distribution is `logits_to_probs` (tests/test_sampling.py checks it by chi-square).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 
 from generators.gpt import GPT
 
@@ -60,25 +62,61 @@ def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.T
     return logits, None
 
 
+BLOCK = 128  # entries per block of the two-level draw
+
+
 def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) tokens drawn from `logits_to_probs`; temperature 0 means greedy (argmax).
 
-    One inverse-CDF draw per row: a single uniform number against the float64 running sum of the
-    unnormalised probabilities, instead of `multinomial`'s random number per vocabulary entry.
-    Top-k draws among the k largest logits only (ties at the k-th value: topk keeps k of them)."""
+    One inverse-CDF draw per row: a single uniform number against float64 running sums of the
+    probabilities, instead of `multinomial`'s random number per vocabulary entry.  Top-k draws among
+    the k largest logits only (ties at the k-th value: topk keeps k of them)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     values, ids = _candidates(logits, top_k, top_p)
-    weights = ((values - values.amax(-1, keepdim=True)) / max(temperature, 1e-5)).exp_()  # (B, K) unnormalised
-    cumulative = weights.cumsum(-1, dtype=torch.float64)
-    total = cumulative[:, -1:]
-    if top_p < 1.0:  # sorted: the nucleus is the prefix whose preceding mass is below top_p
-        kept = ((cumulative - weights) < top_p * total).sum(-1, keepdim=True)
-        total = cumulative.gather(-1, kept - 1)
-    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator) * total
-    pick = torch.searchsorted(cumulative, u, right=True).clamp_(max=values.shape[-1] - 1)
+    if temperature != 1.0:
+        values = values / max(temperature, 1e-5)
+    probs = values.softmax(-1)  # (B, K); for the whole vocabulary exactly `logits_to_probs`
+    if top_p < 1.0:
+        return ids.gather(-1, _nucleus_draw(probs, top_p, generator))
+    pick = _blocked_draw(probs, generator) if probs.shape[-1] % BLOCK == 0 else _inverse_cdf(probs, generator)
     return pick if ids is None else ids.gather(-1, pick)
+
+
+def _uniform(total: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B, 1) float64 numbers uniform on [0, total)."""
+    return torch.rand(total.shape, dtype=torch.float64, device=total.device, generator=generator) * total
+
+
+def _search(cumulative: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The entry whose running-sum interval holds u (the last one where rounding leaves u past the end)."""
+    return torch.searchsorted(cumulative, u, right=True).clamp_(max=cumulative.shape[-1] - 1)
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    cumulative = probs.cumsum(-1, dtype=torch.float64)
+    return _search(cumulative, _uniform(cumulative[:, -1:], generator))
+
+
+def _nucleus_draw(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """probs sorted by decreasing size: draw within the prefix whose preceding mass is below top_p."""
+    cumulative = probs.cumsum(-1, dtype=torch.float64)
+    kept = ((cumulative - probs) < top_p * cumulative[:, -1:]).sum(-1, keepdim=True)
+    return _search(cumulative, _uniform(cumulative.gather(-1, kept - 1), generator))
+
+
+def _blocked_draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Inverse CDF in two levels: the uniform number picks a block of BLOCK entries by the running
+    sums of block masses, then an entry by the running sums inside that block. The same draw as one
+    running sum over the vocabulary, without its sequential float64 pass over every entry."""
+    B, V = probs.shape
+    blocks = probs.view(B, V // BLOCK, BLOCK)
+    starts = F.pad(blocks.sum(-1, dtype=torch.float64).cumsum(-1), (1, 0))  # (B, V/BLOCK + 1): mass before
+    u = _uniform(starts[:, -1:], generator)
+    block = (torch.searchsorted(starts, u, right=True) - 1).clamp_(0, V // BLOCK - 1)  # (B, 1)
+    inside = blocks.gather(1, block[:, :, None].expand(B, 1, BLOCK))[:, 0]  # (B, BLOCK)
+    return block * BLOCK + _search(inside.cumsum(-1, dtype=torch.float64), u - starts.gather(-1, block))
 
 
 def cfg_scale_at(index: int, length: int, scale: float, schedule: Literal["constant", "linear"] = "constant") -> float:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from generators import bench
+from generators import bench, sampling
 from generators.bench import gpt_loss, llamagen_generate, llamagen_loss, random_gpt
 from generators.sampling import generate, logits_to_probs, sample_token
 from tests.test_generators import small_gpt
@@ -59,6 +59,19 @@ def test_draw_over_a_16k_vocabulary_matches_in_probability_bins():
         keep = expected > 0
         expected = expected[keep] * counts.sum() / expected[keep].sum()
         assert chisquare(binned[keep], expected).pvalue > 1e-3, sampling
+
+
+def test_blocked_draw_is_the_one_level_inverse_cdf_and_matches_per_entry():
+    """1024 entries = 8 blocks: with the same uniform numbers the two-level draw picks the token of a
+    single running sum over the vocabulary, and its per-entry counts fit the exact categorical."""
+    logits = torch.randn(1, 8 * sampling.BLOCK, generator=torch.Generator().manual_seed(4)) * 1.5
+    probs = logits_to_probs(logits).expand(4000, -1)
+    blocked = sampling._blocked_draw(probs, torch.Generator().manual_seed(9))
+    assert torch.equal(blocked, sampling._inverse_cdf(probs, torch.Generator().manual_seed(9)))
+    assert len(set((blocked // sampling.BLOCK).flatten().tolist())) == 8  # every block was drawn from
+    counts = draw_counts(logits, 100_000, seed=5)
+    assert chi_square_p(counts, probs[0]) > 1e-3
+    assert chi_square_p(counts, logits_to_probs(logits, temperature=1.15)[0]) < 1e-6  # the test has power
 
 
 def test_draw_is_seeded_and_greedy_is_argmax():
