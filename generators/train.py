@@ -44,7 +44,8 @@ from generators.flow import FlowConfig, flow_loss, sample_ode
 from generators.gpt import GPT, GPTConfig
 from generators.sampling import generate
 from study.config import ConfigError, bounded, cli_errors, dump_yaml, from_dict, nonsemantic, parse_cli, to_dict
-from study.training import Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, sharded, unwrap
+from study.training import (Callback, OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, ranks_leave_together,
+                            sharded, unwrap)
 
 # (samples, labels, step) -> metrics; called on every rank with every sample, so that it can share its
 # work out (study.training.sharded); rank 0's metrics are kept
@@ -422,7 +423,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
 @cli_errors(ConfigError)  # e.g. codes file / model shape mismatch
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(GeneratorRunConfig, argv, prog="python -m generators.train")
-    _, metrics = train(cfg)
+    with ranks_leave_together():  # under torchrun
+        _, metrics = train(cfg)
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return 0
 

@@ -22,6 +22,7 @@ import os
 import random
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
@@ -136,6 +137,23 @@ def init_distributed() -> tuple[int, int, int]:
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return rank, world, local
+
+
+@contextmanager
+def ranks_leave_together() -> Iterator[None]:
+    """Around a multi-rank run (a torchrun entry point, a stage job): on leaving, the ranks leave their
+    process group only once every rank is done, so that no rank tears its connections down while a peer
+    still exchanges data with it (gloo aborts a rank whose process exits with the group alive). After an
+    error each rank leaves at once: its peers may never arrive. A no-op without a group."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 T = TypeVar("T")

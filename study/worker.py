@@ -31,7 +31,7 @@ from study.config import dump_yaml
 from study.ledger import State
 from study.stages import Stage, StageContext, StageResult, Upstream, get_kind, load_providers, read_stage_result
 from study.tracking import MlflowCallback, Tracker, end_runs, job_tags, log_batch, log_stage_result
-from study.training import Callback
+from study.training import Callback, ranks_leave_together
 
 
 @dataclass
@@ -205,15 +205,9 @@ class StageJob(submitit.helpers.Checkpointable):
         requeue_survives_its_own_kill()
         load_providers([item.stage.kind], plugins)
         rank = join_ranks()
-        finished = False
-        try:
-            out = run_stage(item, Path(root), tracker, retries if rank is None else 0, self.callbacks,
-                            job_id=job_id(), rank=rank or 0)
-            finished = True
-            return out
-        finally:
-            if rank is not None:
-                leave_ranks(finished)
+        with ranks_leave_together():
+            return run_stage(item, Path(root), tracker, retries if rank is None else 0, self.callbacks,
+                             job_id=job_id(), rank=rank or 0)
 
     def checkpoint(self, item: StageRun, root: str, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         ledger.update_status(item.stage.dir(Path(root)), state=State.PREEMPTED.value, preempted=time.time())
@@ -253,17 +247,6 @@ def join_ranks() -> Optional[int]:
     dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                      overwrite=True)
     return dist_env.rank
-
-
-def leave_ranks(finished: bool = True) -> None:
-    """Leave the stage's process group; after a finished stage only once every rank is done, so that no
-    rank tears its connections down while a peer still exchanges data with it (a rank that left a
-    gather early was aborted by gloo). After an error, at once: the peers may never arrive."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def job_id() -> str:

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from study import schema as S
-from study.training import init_distributed, rank_part, sharded
-from study.worker import leave_ranks
+from study.training import init_distributed, rank_part, ranks_leave_together, sharded
 
 # a rank's share goes through the same network as the whole batch, in smaller batches: float32
 # rounding of the features is the only difference left, and Fréchet distances of 16 images amplify it
@@ -33,12 +32,8 @@ def _rank_main(rank: int, world: int, port: int, out: str, fn, args) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed()
-    finished = False
-    try:
+    with ranks_leave_together():
         result = fn(*args)
-        finished = True
-    finally:
-        leave_ranks(finished)
     Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from study.cluster.mlflow_server import free_port
 from study.training import Callback, EMA, OptimConfig, TrainConfig, Trainer, lr_factor
 from tests.train_toy import Regression
 
@@ -85,11 +86,11 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     script = str(root / "tests" / "train_toy.py")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29731", script, str(tmp_path / "ddp"), "12"],
-                   check=True, env=env, cwd=root, capture_output=True, timeout=240)
-    subprocess.run([sys.executable, script, str(tmp_path / "single"), "12"],
-                   check=True, env=env, cwd=root, capture_output=True, timeout=240)
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(free_port()), script, str(tmp_path / "ddp"), "12"],
+                [sys.executable, script, str(tmp_path / "single"), "12"]):
+        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     ddp = torch.load(tmp_path / "ddp" / "final.pt")
     single = torch.load(tmp_path / "single" / "final.pt")
     for name in single:

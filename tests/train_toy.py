@@ -5,7 +5,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from study.training import OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask
+from study.training import OptimConfig, StepOutput, TrainConfig, Trainer, TrainTask, ranks_leave_together
 
 TRUE_W = torch.tensor([[1.5, -2.0, 0.5, 3.0]])
 
@@ -41,8 +41,9 @@ if __name__ == "__main__":  # torchrun entry: python -m torch.distributed.run ..
     out, steps = sys.argv[1], int(sys.argv[2])
     cfg = TrainConfig(steps=steps, batch_size=8, ema_decay=0.9, ckpt_every=5, log_every=1,
                       progress=False, out_dir=out, precision="fp32")
-    trainer = Trainer(cfg, Regression(8))
-    model = trainer.fit()
+    with ranks_leave_together():
+        trainer = Trainer(cfg, Regression(8))
+        trainer.fit()
     if trainer.is_main:
         torch.save({n: p.detach().clone() for n, p in trainer.modules["model"].state_dict().items()},
                    f"{out}/final.pt")

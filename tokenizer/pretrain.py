@@ -37,7 +37,8 @@ from torch import nn
 
 from study.config import ConfigError, bounded, config_hash, dump_yaml, nonsemantic, parse_cli, to_dict
 from study.data import DataConfig, build_dataset, iterate_eval, make_loader
-from study.training import Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything
+from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, ranks_leave_together,
+                            seed_everything)
 from tokenizer.objectives import OBJECTIVES, REGISTRY, Objective, build_objective, get_objective
 from tokenizer.objectives.common import ema_update_
 from tokenizer.vfm.inhouse import INHOUSE_ARCHS, build_inhouse_arch, save_inhouse
@@ -320,7 +321,8 @@ def _save_random(cfg: PretrainConfig, start: float) -> tuple[Path, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(PretrainConfig, argv, prog="python -m tokenizer.pretrain")
-    path, metrics = pretrain(cfg)
+    with ranks_leave_together():  # under torchrun
+        path, metrics = pretrain(cfg)
     print(json.dumps({"path": str(path), **{k: v for k, v in metrics.items() if not isinstance(v, str)}},
                      indent=1, default=float))
 

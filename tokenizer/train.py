@@ -27,8 +27,8 @@ from torch import nn
 from study.config import ConfigError, bounded, config_hash, dump_yaml, load, nonsemantic, parse_cli
 from study.fidelity import VFMAE, VFMTOK, recipe_deviations
 from study.data import DataConfig, build_dataset, make_loader, to_tensor_images
-from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask, seed_everything,
-                            unwrap)
+from study.training import (Callback, OptimConfig, StepOutput, Trainer, TrainConfig, TrainTask,
+                            ranks_leave_together, seed_everything, unwrap)
 from tokenizer.discriminator import DinoDiscriminator
 from tokenizer.export import DEFAULT_VIEWS
 from tokenizer.losses import (LossConfig, build_perceptual, d_hinge_loss, g_nonsat_loss, perceptual_description,
@@ -250,7 +250,8 @@ def load_tokenizer(run_dir: str | Path, map_location: str | torch.device = "cpu"
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(TokenizerRunConfig, argv, prog="python -m tokenizer.train")
-    _, metrics = train(cfg)
+    with ranks_leave_together():  # under torchrun
+        _, metrics = train(cfg)
     print({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
 
 
