@@ -393,8 +393,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 _SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-def dump_yaml(cfg: Any, path: str | Path) -> None:
-    atomic_write_text(path, yaml.dump(to_dict(cfg), Dumper=_SAFE_DUMPER, sort_keys=False))
+def dump_yaml(cfg: Any, path: str | Path, durable: bool = True) -> None:
+    atomic_write_text(path, yaml.dump(to_dict(cfg), Dumper=_SAFE_DUMPER, sort_keys=False), durable)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -22,11 +22,14 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = True) -> Path:
     """Call `write(handle)` on a fresh binary file, fsync it, and rename it to `path`.
 
     `write` may be `lambda f: torch.save(obj, f)`, `lambda f: np.savez(f, **arrays)`, ...
-    On any error the temp file is removed and `path` is left as it was."""
+    On any error the temp file is removed and `path` is left as it was. The rename alone keeps
+    readers and killed processes from ever seeing half a file; the fsync (`durable`) also keeps
+    the content through an OS crash. `durable=False` is for files rewritten all the time whose
+    loss only repeats work (a stage's status), where the fsync would be most of the write's cost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
@@ -36,7 +39,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -44,8 +48,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda handle: handle.write(text.encode()))
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode()), durable)
 
 
 def cache_root() -> Path:

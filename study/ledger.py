@@ -40,8 +40,8 @@ class State(str, Enum):
 ACTIVE = {State.SUBMITTED, State.RUNNING, State.PREEMPTED}
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, default=str))
+def write_json(path: Path, data: Any, durable: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=str), durable)
 
 
 class LedgerError(ValueError):
@@ -146,7 +146,9 @@ def _merge(stage_dir: Path, status: dict, fields: dict) -> dict:
     status.update(fields, updated=time.time())
     status["errors"] = status.get("errors", []) + list(new_errors)
     status["state"] = State(status["state"]).value
-    write_json(stage_dir / "status.json", status)
+    # not fsynced: an OS crash can only take the stage back to an earlier state (or leave a
+    # status that read_status reports as corrupt), and the stage then runs again from its checkpoint
+    write_json(stage_dir / "status.json", status, durable=False)
     status["state"] = State(status["state"])
     return status
 

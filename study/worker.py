@@ -93,7 +93,7 @@ def run_stage(item: StageRun, root: Path, tracker: Optional[Tracker], retries: i
             # also runs it (Slurm starts it `afterany`, even when the upstream failed)
             ledger.update_status(sdir, state=State.PENDING.value, note=f"blocked: {blocked}")
             raise
-        dump_yaml(stage.config, sdir / schema.STAGE_CONFIG)
+        dump_yaml(stage.config, sdir / schema.STAGE_CONFIG, durable=False)  # the plan's copy, rewritten at every start
         kind = get_kind(stage.kind)
         for attempt_in_job in range(retries + 1):
             status = ledger.update_status(
