@@ -7,6 +7,7 @@ died without a word (OOM kill, node failure, scancel), and holding one lock per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import fcntl
 import json
 import os
@@ -72,7 +73,7 @@ def open_sweep_run(plan: Plan, manifest: dict) -> Optional[tracking.Tracker]:
     else:
         tracker = tracking.start_sweep(uri, exp_id, spec.name, {"spec": str(Path(plan.source).resolve())})
     manifest["tracking"] = {"uri": uri, "experiment_id": exp_id, "parent_run_id": tracker.parent_run_id}
-    return tracker
+    return tracker.hold_writes()
 
 
 def resolved_params(cell: Cell) -> dict:
@@ -85,13 +86,15 @@ def resolved_params(cell: Cell) -> dict:
 
 
 def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
-                  extra_tags: Optional[dict[str, str]] = None) -> tracking.Run:
-    """A cell's MLflow run under the sweep run; stages that already ran are logged into it now."""
+                  extra_tags: Optional[dict[str, str]] = None,
+                  on_stored: Optional[Callable[[str], None]] = None) -> tracking.Run:
+    """A cell's MLflow run under the sweep run; stages that already ran are logged into it now.
+    `on_stored(run_id)`: called once the run is in the store."""
     tags = {schema.CELL_ID: cell.id, schema.SWEEP: plan.spec.name, schema.ROLE: schema.ROLE_CELL,
             schema.CELL: cell.id, **_seed_tag(plan.spec, cell),
             **{schema.stage_tag(k): s.id for k, s in cell.stages.items()},
             **{schema.AXIS_PREFIX + k: str(v) for k, v in cell.values.items()}, **(extra_tags or {})}
-    run = tracking.start_run(tracker, name, tags, params=resolved_params(cell))
+    run = tracking.start_run(tracker, name, tags, params=resolved_params(cell), on_stored=on_stored)
     _log_cached(plan, tracker, cell, run)
     return run
 
@@ -99,7 +102,8 @@ def open_cell_run(plan: Plan, tracker: tracking.Tracker, cell: Cell, name: str,
 class CellRuns:
     """The cells' MLflow runs, each created when the first stage of its cell is submitted, so
     that a large sweep does not open every run before its first stage starts. `known`: runs
-    created earlier (by a previous controller); `remember(cell_id, run_id)` records a new one."""
+    created earlier (by a previous controller); `remember(cell_id, run_id)` records a new one
+    once it is in the store."""
 
     def __init__(self, plan: Plan, tracker: Tracker, known: dict[str, str],
                  remember: Callable[[str, str], None], name: Optional[Callable[[Cell], str]] = None,
@@ -114,9 +118,9 @@ class CellRuns:
 
     def run_id(self, cell: Cell) -> str:
         if cell.id not in self.known:
-            run = open_cell_run(self.plan, self.tracker, cell, self.name(cell), self.extra_tags)
+            run = open_cell_run(self.plan, self.tracker, cell, self.name(cell), self.extra_tags,
+                                on_stored=functools.partial(self.remember, cell.id))
             self.known[cell.id], self.artifact_uris[run.run_id] = run.run_id, run.artifact_uri
-            self.remember(cell.id, run.run_id)
         return self.known[cell.id]
 
     def stage_run(self, key: str) -> StageRun:
@@ -216,9 +220,11 @@ def _append_runs(book: Path, entries: dict[str, Optional[str]]) -> None:
 
 
 def end_sweep_run(tracker: Optional[Tracker], state: str) -> None:
-    """The parent run ends with the sweep's state: FINISHED, FAILED (a cell failed) or KILLED."""
+    """The parent run ends with the sweep's state: FINISHED, FAILED (a cell failed) or KILLED;
+    everything held is written."""
     if tracker is not None:
         tracking.end_runs(tracker, [tracker.parent_run_id], state)
+        tracker.flush()
 
 
 def _seed_tag(spec, cell: Cell) -> dict[str, str]:
@@ -343,8 +349,10 @@ class Scheduler:
         return (run, str(self.root), self.plugins, self.tracker, self.retries)
 
     def _submit(self, keys: list[str], after: list[str] = ()) -> list[Submitted]:
-        res = self.stages[keys[0]].resources
-        jobs = self.backend.submit(StageJob(self.callbacks.get(self.stages[keys[0]].kind, [])), [self._args(k) for k in keys], res,
+        res, args = self.stages[keys[0]].resources, [self._args(k) for k in keys]
+        if self.tracker and self.backend.name != "debug":
+            self.tracker.flush()  # a job in another process logs into the runs `_args` created
+        jobs = self.backend.submit(StageJob(self.callbacks.get(self.stages[keys[0]].kind, [])), args, res,
                                    name=self.stages[keys[0]].kind, after=after)
         for key, job in zip(keys, jobs):
             if self.backend.name != "debug":
@@ -393,16 +401,18 @@ class Scheduler:
                 self._submit(keys, after=sorted(a for a in after if a))
 
     def step(self) -> None:
-        """Local/debug: submit every waiting stage whose upstream is COMPLETED, while slots are free."""
-        if self.backend.name == "slurm":
-            return
-        for key in list(self.progress.waiting):
-            ups = [self.state(u) for u in self.stages[key].upstream]
-            if any(s == State.FAILED for s in ups):
-                continue  # blocked; shown as such, resubmitted after --retry-failed
-            if all(s == State.COMPLETED for s in ups) and self.backend.free(self.stages[key].resources):
-                self.progress.waiting.remove(key)
-                self._submit([key])
+        """Local/debug: submit every waiting stage whose upstream is COMPLETED, while slots are free.
+        Then what this controller holds for MLflow is written (once per pass of the follow loop)."""
+        if self.backend.name != "slurm":
+            for key in list(self.progress.waiting):
+                ups = [self.state(u) for u in self.stages[key].upstream]
+                if any(s == State.FAILED for s in ups):
+                    continue  # blocked; shown as such, resubmitted after --retry-failed
+                if all(s == State.COMPLETED for s in ups) and self.backend.free(self.stages[key].resources):
+                    self.progress.waiting.remove(key)
+                    self._submit([key])
+        if self.tracker:
+            self.tracker.flush()
 
     def check_jobs(self) -> None:
         """Mark stages whose job died without a word (OOM kill, scancel, lost node) as FAILED."""

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -251,3 +252,86 @@ def test_an_artifact_lands_in_the_runs_root_whether_its_writer_knows_the_root_or
     client = MlflowClient(uri)
     assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/known.txt", "notes/read.txt"]
     assert Path(client.download_artifacts(run.run_id, "notes/known.txt", str(tmp_path / "out"))).read_text() == "known.txt"
+
+
+def _store_view(client: MlflowClient, run_id: str, parent: str) -> dict:
+    """What MLflow's client reads back of a run, without what differs between two writings of
+    the same run (ids, clock times); NaN as a string so that views compare equal."""
+    show = lambda v: "nan" if v != v else v  # noqa: E731
+    run = client.get_run(run_id)
+    tags = {k: ("<parent>" if v == parent else v) for k, v in run.data.tags.items()}
+    history = {key: sorted((m.step, show(m.value)) for m in client.get_metric_history(run_id, key))
+               for key in run.data.metrics}
+    return {"name": run.info.run_name, "status": run.info.status, "user": run.info.user_id,
+            "lifecycle": run.info.lifecycle_stage, "ended": run.info.end_time is not None,
+            "artifacts": run.info.artifact_uri.endswith(f"/{run_id}/artifacts"),
+            "params": run.data.params, "tags": tags, "latest": {k: show(v) for k, v in run.data.metrics.items()},
+            "history": history}
+
+
+def _write_runs(tracker: tracking.Tracker, earlier: str) -> list[str]:
+    """The writes a controller makes, with every case the store treats specially: a repeated
+    point (stored once), a later step logged first, the same step at a later time (latest is the
+    last by step, then time, then value), NaN and infinities, a tag overwritten, runs ended FAILED
+    and FINISHED, and a run created earlier (in the store) that is logged into and ended."""
+    first = tracking.start_run(tracker, "first", {"axis.lr": "0.1", "note": "a"},
+                               params={"model": {"dim": 8, "name": "vit"}, "lr": 0.1})
+    second = tracking.start_run(tracker, "second", {"note": "b"}, params={"lr": 0.3})
+    for run_id in (first.run_id, second.run_id, earlier):
+        tracking.log_batch(tracker, [run_id], {"loss": 2.0, "acc": 0.5}, step=5)
+        tracking.log_batch(tracker, [run_id], {"loss": 3.0}, step=3)
+        time.sleep(0.005)
+        tracking.log_batch(tracker, [run_id], {"loss": 1.0, "nan": float("nan"), "big": float("inf"),
+                                               "small": float("-inf")}, step=5, tags={"note": "c"})
+        with mock.patch.object(tracking.time, "time", return_value=1234.5):  # the same point twice
+            for _ in range(2):
+                tracking.log_batch(tracker, [run_id], {"dup": 4.0}, step=1)
+    tracking.end_runs(tracker, [first.run_id, earlier], "FAILED")
+    tracking.end_runs(tracker, [second.run_id], "FINISHED")
+    return [first.run_id, second.run_id, earlier]
+
+
+@pytest.mark.parametrize("every_s", [3600.0, 0.0])
+def test_held_writes_leave_the_store_as_mlflows_client_does(tmp_path, template_db, every_s):
+    """The reference is MLflow's own client: the same writes made through it and through the
+    controller's held writes (all in one transaction, or one transaction per write) read back
+    identically through the client: run fields, params, tags, latest values and every point."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = tracking.default_uri(tmp_path)
+    sweep = tracking.start_sweep(uri, tracking.init_store(uri, "held", tmp_path / "art"), "held", {})
+    client = MlflowClient(uri)
+    views = []
+    for held in (False, True):
+        tracker = tracking.Tracker(uri, sweep.experiment_id, sweep.parent_run_id)
+        earlier = tracking.start_run(tracker, "earlier", {"note": "e"}).run_id  # in the store before holding
+        if held:
+            tracker.hold_writes(every_s=every_s)
+        run_ids = _write_runs(tracker, earlier)
+        tracker.flush()
+        views.append([_store_view(client, r, sweep.parent_run_id) for r in run_ids])
+    direct, held_view = views
+    assert held_view == direct
+    assert direct[0]["latest"] == {"loss": 1.0, "acc": 0.5, "dup": 4.0, "nan": "nan", "big": 1.7976931348623157e308,
+                                   "small": -1.7976931348623157e308}
+    assert direct[0]["history"]["loss"] == [(3, 3.0), (5, 1.0), (5, 2.0)] and direct[0]["status"] == "FAILED"
+    assert direct[0]["history"]["dup"] == [(1, 4.0)]
+
+
+def test_held_runs_are_announced_only_once_stored_and_jobs_write_directly(tmp_path, template_db):
+    """A held run is neither in the store nor announced (`on_stored`, which records its id in the
+    study) before the flush; a job in another process gets the tracker without what is held."""
+    import pickle
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = tracking.default_uri(tmp_path)
+    sweep = tracking.start_sweep(uri, tracking.init_store(uri, "announce", tmp_path / "art"), "announce", {})
+    tracker = tracking.Tracker(uri, sweep.experiment_id, sweep.parent_run_id).hold_writes(every_s=3600)
+    stored = []
+    run = tracking.start_run(tracker, "cell", {}, on_stored=stored.append)
+    client = MlflowClient(uri)
+    assert stored == [] and client.search_runs([sweep.experiment_id], f"attributes.run_id = '{run.run_id}'") == []
+    tracker.flush()
+    assert stored == [run.run_id] and client.get_run(run.run_id).info.status == "RUNNING"
+    job_side = pickle.loads(pickle.dumps(tracker))
+    assert job_side.held is None and tracker.held is not None
+    tracking.log_batch(job_side, [run.run_id], {"x": 1.0})  # straight into the store
+    assert client.get_run(run.run_id).data.metrics == {"x": 1.0}
