@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
 
 from study import ledger, schema
 from study.config import flatten
-from study.fsio import atomic_write
+from study.fsio import atomic_write, cache_root
 from study.training import Callback
 
 if TYPE_CHECKING:  # the writers in jobs import this module: keep it free of the engine
@@ -101,12 +101,49 @@ def init_store(uri: str, experiment: str, artifact_root: Path) -> str:
     file fail. A server store (http) serialises this itself."""
     with _store_lock(uri):
         from mlflow.tracking import MlflowClient
+        if uri.startswith("sqlite:///"):
+            _copy_empty_store(Path(uri.removeprefix("sqlite:///")))
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
             return exp.experiment_id
         location = None if uri.startswith("http") else Path(artifact_root).resolve().as_uri()
         return client.create_experiment(experiment, artifact_location=location)
+
+
+def _copy_empty_store(db: Path) -> None:
+    """A new sqlite store starts as a copy of an empty one with MLflow's schema, built once per
+    MLflow version under the cache: replaying the schema's migrations is most of what creating a
+    store costs, and the tests and every new study folder pay it. MLflow then opens the copy as
+    it opens any existing store (checks the schema revision, adds its default experiment)."""
+    if db.exists():
+        return
+    import mlflow
+    template = cache_root() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+    try:
+        if not template.is_file():
+            with ledger.file_lock(template.with_name(template.name + ".lock")):
+                if not template.is_file():
+                    _build_empty_store(template)
+        with open(template, "rb") as src:
+            atomic_write(db, lambda dst: shutil.copyfileobj(src, dst))
+    except OSError:  # an unwritable cache: MLflow creates the store itself
+        return
+
+
+def _build_empty_store(path: Path) -> None:
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+    building = path.with_name(f".{path.name}.{os.getpid()}.building")
+    engine = sqlalchemy.create_engine(f"sqlite:///{building}")
+    try:
+        _initialize_tables(engine)  # what MLflow runs on a store without tables
+        engine.dispose()
+        os.replace(building, path)
+    except BaseException:
+        engine.dispose()
+        building.unlink(missing_ok=True)
+        raise
 
 
 def _store_lock(uri: str):

@@ -1,5 +1,7 @@
 """MLflow: parent/child runs with curves from a sweep, and 16 concurrent writer processes losing nothing."""
-import shutil
+import os
+import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,12 +19,35 @@ from tests.toy_stages import PLUGINS as TOY
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory):
-    """One migrated store per session; each test copies it (a fresh migration costs seconds)."""
-    root = tmp_path_factory.mktemp("mlflow-template")
-    tracking.init_store(tracking.default_uri(root), "warmup", root / "art")
-    return root / "mlflow.db"
+def _schema(db: Path) -> tuple:
+    """Tables and indexes with their columns in order and their constraints as a set: MLflow's own
+    migrations write a table's constraints in an order that varies from process to process."""
+    def definition(sql: str) -> tuple:
+        parts = [p.strip().removesuffix(")").strip() for p in re.split(r",\s*\n", sql or "")]
+        constraint = ("CONSTRAINT", "CHECK", "FOREIGN", "UNIQUE", "PRIMARY")
+        return tuple(p for p in parts if not p.startswith(constraint)), frozenset(p for p in parts if p.startswith(constraint))
+    with sqlite3.connect(db) as con:
+        objects = {(kind, name, definition(sql)) for kind, name, sql in con.execute("SELECT type, name, sql FROM sqlite_master")}
+        return objects, con.execute("SELECT version_num FROM alembic_version").fetchall()
+
+
+def test_a_store_copied_from_the_empty_store_is_the_store_mlflow_creates(tmp_path, monkeypatch):
+    """The reference: a store MLflow creates itself (its client on a new file). The copy has the
+    same tables, indexes, schema revision and default experiment, and MLflow opens it as its own."""
+    monkeypatch.setenv("VFMSTUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # MLflow's default experiment keeps its artifact root relative to here
+    own, ours = tmp_path / "own" / "mlflow.db", tmp_path / "ours" / "mlflow.db"
+    own.parent.mkdir()
+    MlflowClient(f"sqlite:///{own}").search_experiments()
+    exp = tracking.init_store(tracking.default_uri(ours.parent), "copied", tmp_path / "art")
+    assert list((tmp_path / "cache" / "mlflow").glob("empty-store-*.db"))  # built on first use
+    assert _schema(ours) == _schema(own)
+    def default_experiment(db: Path) -> tuple:
+        found = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("Default")
+        return found.experiment_id, found.artifact_location, found.lifecycle_stage
+    assert default_experiment(ours) == default_experiment(own)
+    run = tracking.start_run(tracking.start_sweep(tracking.default_uri(ours.parent), exp, "copied", {}), "cell", {})
+    assert MlflowClient(f"sqlite:///{ours}").get_run(run.run_id).info.experiment_id == exp
 
 
 WRITER = """
@@ -36,8 +61,7 @@ end_runs(Tracker(uri, exp, parent), [run_id], "FINISHED")
 """
 
 
-def test_16_concurrent_writers_lose_nothing(tmp_path, template_db):
-    shutil.copy(template_db, tmp_path / "mlflow.db")
+def test_16_concurrent_writers_lose_nothing(tmp_path):
     uri = tracking.default_uri(tmp_path)
     exp = tracking.init_store(uri, "concurrency", tmp_path / "art")  # controller: before any worker
     sweep = tracking.start_sweep(uri, exp, "concurrency", {})
@@ -58,10 +82,9 @@ def test_16_concurrent_writers_lose_nothing(tmp_path, template_db):
     print(f"16 writers x {2 * steps} metrics in {elapsed:.1f}s")
 
 
-def test_sweep_logs_parent_children_curves_params_tags(tmp_path, template_db):
+def test_sweep_logs_parent_children_curves_params_tags(tmp_path):
     study = tmp_path / "study"
     study.mkdir()
-    shutil.copy(template_db, study / "mlflow.db")
     spec = {"name": "tracked", "stages": ["toy_data", "toy_train"], "plugins": TOY, "study_dir": str(study),
             "axes": {"grid": {"toy.lr": [0.01, 0.03]}}, "launcher": {"backend": "debug", "poll_s": 0.2},
             "base": {"toy": {"train": {"steps": 20, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0,
@@ -109,8 +132,9 @@ for i in range(rounds):
 
 
 def test_two_sweeps_create_one_fresh_shared_store_at_once(tmp_path):
-    """Two controllers starting on one fresh sqlite store (MLflow's schema migration runs
-    once): both finish, ten times over, each round on a new store."""
+    """Two controllers starting on one fresh sqlite store (one copies the empty store in, the
+    other waits): both finish, ten times over, each round on a new store; in the first round
+    they also race to build the empty store in a fresh cache."""
     rounds = 10
     for i in range(rounds):
         store = tmp_path / f"round{i}"
@@ -120,7 +144,8 @@ def test_two_sweeps_create_one_fresh_shared_store_at_once(tmp_path):
                     "tracking": {"uri": f"sqlite:///{store / 'shared.db'}"}, "report": False,
                     "launcher": {"backend": "debug", "poll_s": 0.05}}
             (store / f"{who}.yaml").write_text(yaml.safe_dump(spec))
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, who, other, str(rounds), str(tmp_path)], cwd=REPO,
+    env = {**os.environ, "VFMSTUDY_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, who, other, str(rounds), str(tmp_path)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for who, other in (("a", "b"), ("b", "a"))]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -137,10 +162,9 @@ TRAIN = {"steps": 10, "log_every": 5, "ckpt_every": 10, "ema_decay": 0.0, "preci
          "device": "cpu"}
 
 
-def tracked_spec(tmp_path, template_db, **spec) -> Path:
+def tracked_spec(tmp_path, **spec) -> Path:
     study = tmp_path / "study"
     study.mkdir()
-    shutil.copy(template_db, study / "mlflow.db")
     spec = {"name": "truth", "stages": ["toy_data", "toy_train"], "plugins": TOY, "study_dir": str(study),
             "launcher": {"backend": "debug", "poll_s": 0.1}, "report": False, "base": {"toy": {"train": TRAIN}},
             **spec}
@@ -156,8 +180,8 @@ def cell_runs(study: Path, name: str):
     return client, parent, [r for r in runs if r.data.tags.get(schema.ROLE) == schema.ROLE_CELL]
 
 
-def test_mlflow_failed_cell_error_and_traceback_parent_state_resolved_params(tmp_path, template_db):
-    path = tracked_spec(tmp_path, template_db, axes={"lists": [{"toy.fail_at": 7}, {"toy.lr": 0.02}]})
+def test_mlflow_failed_cell_error_and_traceback_parent_state_resolved_params(tmp_path):
+    path = tracked_spec(tmp_path, axes={"lists": [{"toy.fail_at": 7}, {"toy.lr": 0.02}]})
     assert main([str(path)]) == 1
     client, parent, cells = cell_runs(tmp_path / "study", "truth")
     assert parent.info.status == "FAILED"  # the sweep's state, not RUNNING for ever
@@ -174,8 +198,8 @@ def test_mlflow_failed_cell_error_and_traceback_parent_state_resolved_params(tmp
     assert good.data.params["toy.lr"] == "0.02" and "toy.step_sleep_s" not in good.data.params
 
 
-def test_force_does_not_duplicate_metric_points(tmp_path, template_db):
-    path = tracked_spec(tmp_path, template_db, axes={"grid": {"toy.lr": [0.01, 0.03]}})
+def test_force_does_not_duplicate_metric_points(tmp_path):
+    path = tracked_spec(tmp_path, axes={"grid": {"toy.lr": [0.01, 0.03]}})
     assert main([str(path)]) == 0
     assert main([str(path), "--force"]) == 0
     client, parent, cells = cell_runs(tmp_path / "study", "truth")
@@ -187,7 +211,7 @@ def test_force_does_not_duplicate_metric_points(tmp_path, template_db):
         assert evals == [10]  # the evaluation at the last step is also the stage's final value: one point
 
 
-def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, template_db, monkeypatch):
+def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, monkeypatch):
     from study import controller, worker
     events = []
     open_run, run_stage = controller.open_cell_run, worker.run_stage
@@ -202,20 +226,20 @@ def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, template_
 
     monkeypatch.setattr(controller, "open_cell_run", spy_open)
     monkeypatch.setattr(worker, "run_stage", spy_stage)
-    path = tracked_spec(tmp_path, template_db, axes={"grid": {"data.seed": [0, 1, 2]}})  # 3 unshared chains
+    path = tracked_spec(tmp_path, axes={"grid": {"data.seed": [0, 1, 2]}})  # 3 unshared chains
     assert main([str(path)]) == 0
     assert events.count("open") == 3 and events.count("stage") == 6
     assert events.index("stage") < len(events) - 1 - events[::-1].index("open")  # a stage ran before the last open
 
 
-def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp_path, template_db):
+def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp_path):
     """A result wider than one MLflow call takes (1100 metrics, 150 tags) lands in its cell's run
     whole: every metric (one point, the stage's value), tag, resolved param and artifact, the run
     FINISHED under the sweep run; --force recomputes into fresh runs without a second point."""
     from study.controller import resolved_params
     from study.stages import read_stage_result
     from study.sweep import load_plan
-    path = tracked_spec(tmp_path, template_db, stages=["toy_report"], seeds=[0, 1],
+    path = tracked_spec(tmp_path, stages=["toy_report"], seeds=[0, 1],
                         base={"report": {"metrics": 1100, "tags": 150}})
     plan = load_plan(str(path))
     for round_ in ("run", "force"):
@@ -239,10 +263,9 @@ def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp
                 ["stages/toy_report/config.yaml"]
 
 
-def test_an_artifact_lands_in_the_runs_root_whether_its_writer_knows_the_root_or_reads_it(tmp_path, template_db):
+def test_an_artifact_lands_in_the_runs_root_whether_its_writer_knows_the_root_or_reads_it(tmp_path):
     """A run this process created is written to the root create_run returned; a run from another
     controller (no root known) is read back from the store first: MLflow lists both files in one run."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = tracking.default_uri(tmp_path)
     sweep = tracking.start_sweep(uri, tracking.init_store(uri, "roots", tmp_path / "art"), "roots", {})
     run = tracking.start_run(sweep, "cell", {})
@@ -292,11 +315,10 @@ def _write_runs(tracker: tracking.Tracker, earlier: str) -> list[str]:
 
 
 @pytest.mark.parametrize("every_s", [3600.0, 0.0])
-def test_held_writes_leave_the_store_as_mlflows_client_does(tmp_path, template_db, every_s):
+def test_held_writes_leave_the_store_as_mlflows_client_does(tmp_path, every_s):
     """The reference is MLflow's own client: the same writes made through it and through the
     controller's held writes (all in one transaction, or one transaction per write) read back
     identically through the client: run fields, params, tags, latest values and every point."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = tracking.default_uri(tmp_path)
     sweep = tracking.start_sweep(uri, tracking.init_store(uri, "held", tmp_path / "art"), "held", {})
     client = MlflowClient(uri)
@@ -317,11 +339,10 @@ def test_held_writes_leave_the_store_as_mlflows_client_does(tmp_path, template_d
     assert direct[0]["history"]["dup"] == [(1, 4.0)]
 
 
-def test_held_runs_are_announced_only_once_stored_and_jobs_write_directly(tmp_path, template_db):
+def test_held_runs_are_announced_only_once_stored_and_jobs_write_directly(tmp_path):
     """A held run is neither in the store nor announced (`on_stored`, which records its id in the
     study) before the flush; a job in another process gets the tracker without what is held."""
     import pickle
-    shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = tracking.default_uri(tmp_path)
     sweep = tracking.start_sweep(uri, tracking.init_store(uri, "announce", tmp_path / "art"), "announce", {})
     tracker = tracking.Tracker(uri, sweep.experiment_id, sweep.parent_run_id).hold_writes(every_s=3600)
