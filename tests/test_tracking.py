@@ -295,7 +295,7 @@ def _store_view(client: MlflowClient, run_id: str, parent: str) -> dict:
 def _write_runs(tracker: tracking.Tracker, earlier: str) -> list[str]:
     """The writes a controller makes, with every case the store treats specially: a repeated
     point (stored once), a later step logged first, the same step at a later time (latest is the
-    last by step, then time, then value), NaN and infinities, a tag overwritten, runs ended FAILED
+    last by step, then time, then value; an earlier step written last is not the latest), NaN and infinities, a tag overwritten, runs ended FAILED
     and FINISHED, and a run created earlier (in the store) that is logged into and ended."""
     first = tracking.start_run(tracker, "first", {"axis.lr": "0.1", "note": "a"},
                                params={"model": {"dim": 8, "name": "vit"}, "lr": 0.1})
@@ -309,6 +309,7 @@ def _write_runs(tracker: tracking.Tracker, earlier: str) -> list[str]:
         with mock.patch.object(tracking.time, "time", return_value=1234.5):  # the same point twice
             for _ in range(2):
                 tracking.log_batch(tracker, [run_id], {"dup": 4.0}, step=1)
+        tracking.log_batch(tracker, [run_id], {"loss": 0.5}, step=4)  # written last, not the latest
     tracking.end_runs(tracker, [first.run_id, earlier], "FAILED")
     tracking.end_runs(tracker, [second.run_id], "FINISHED")
     return [first.run_id, second.run_id, earlier]
@@ -335,7 +336,7 @@ def test_held_writes_leave_the_store_as_mlflows_client_does(tmp_path, every_s):
     assert held_view == direct
     assert direct[0]["latest"] == {"loss": 1.0, "acc": 0.5, "dup": 4.0, "nan": "nan", "big": 1.7976931348623157e308,
                                    "small": -1.7976931348623157e308}
-    assert direct[0]["history"]["loss"] == [(3, 3.0), (5, 1.0), (5, 2.0)] and direct[0]["status"] == "FAILED"
+    assert direct[0]["history"]["loss"] == [(3, 3.0), (4, 0.5), (5, 1.0), (5, 2.0)] and direct[0]["status"] == "FAILED"
     assert direct[0]["history"]["dup"] == [(1, 4.0)]
 
 
