@@ -355,14 +355,16 @@ def run(plan: Plan, overrides: list[str], *, command: str, force=False, retry_fa
               f"{len(blocked)} blocked by failed stages ({backend.name})", flush=True)
     if len(todo) > len(blocked):
         record_start(plan, manifest, command)
-    sched.start(todo)
-    if detach:
-        print(f"detached. follow with: python -m study.sweep wait {plan.source}")
-        lock.close()
-        return 0
     try:
+        sched.start(todo)
+        if detach:
+            if tracker:
+                tracker.flush()
+            print(f"detached. follow with: python -m study.sweep wait {plan.source}")
+            lock.close()
+            return 0
         code = follow(plan, sched, quiet)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or a crash: the sweep run says so, and what is held is written
         end_sweep_run(tracker, "KILLED")
         raise
     if runs:

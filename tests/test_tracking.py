@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from study import schema, tracking
+from study.stages import read_stage_result
 from study.sweep import main
 from tests.toy_stages import PLUGINS as TOY
 
@@ -230,6 +231,34 @@ def test_cell_runs_are_created_when_their_first_stage_starts(tmp_path, monkeypat
     assert main([str(path)]) == 0
     assert events.count("open") == 3 and events.count("stage") == 6
     assert events.index("stage") < len(events) - 1 - events[::-1].index("open")  # a stage ran before the last open
+
+
+def test_a_controller_stopped_mid_sweep_writes_what_it_held(tmp_path, monkeypatch):
+    """Ctrl-C while an in-process stage runs: every stage that completed before it has its result
+    in its cell run (the controller held those writes), and the sweep run is KILLED; the re-run
+    completes the sweep."""
+    from study import worker
+    run_stage, calls = worker.run_stage, []
+
+    def interrupted_fourth(item, *args, **kwargs):
+        calls.append(item.stage.key)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return run_stage(item, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "run_stage", interrupted_fourth)
+    path = tracked_spec(tmp_path, axes={"grid": {"data.seed": [0, 1, 2]}})
+    with pytest.raises(KeyboardInterrupt):
+        main([str(path), "--quiet"])
+    client = MlflowClient(tracking.default_uri(tmp_path / "study"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs if r.data.tags.get(schema.ROLE) != schema.ROLE_CELL] == ["KILLED"]
+    logged = {name for r in runs for name in r.data.metrics}
+    for key in calls[:3]:  # the stages that completed before the interrupt
+        result = read_stage_result(tmp_path / "study" / "stages" / key)
+        assert result.metrics and {schema.metric(key.split("/")[0], k) for k in result.metrics} <= logged, key
+    monkeypatch.setattr(worker, "run_stage", run_stage)
+    assert main([str(path), "--quiet"]) == 0
 
 
 def test_a_wide_stage_result_reaches_its_run_whole_and_once_also_after_force(tmp_path):
