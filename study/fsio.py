@@ -11,6 +11,7 @@ A leaf module: `study.data` and `study.metrics` use it, so it imports nothing fr
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -50,6 +51,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable:
 
 def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode()), durable)
+
+
+def atomic_copy(source: str | Path, path: str | Path, durable: bool = True) -> Path:
+    """A copy of `source` at `path`, written as `atomic_write` writes."""
+    with open(source, "rb") as src:
+        return atomic_write(path, lambda dst: shutil.copyfileobj(src, dst), durable)
 
 
 def cache_root() -> Path:

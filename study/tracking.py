@@ -1,7 +1,7 @@
 """MLflow for sweeps: one parent run per sweep, one child run per cell (linked by the
 `mlflow.parentRunId` tag, so jobs in other processes can attach), stage curves with steps.
 
-The controller creates (and migrates) the store, the experiment and the parent run before any
+The controller creates the store (a copy of an empty one), the experiment and the parent run before any
 worker starts, and each cell run before the first job of its cell: N workers racing to migrate
 a fresh sqlite file all fail.  Workers only append to existing runs.  A stage shared by several cells logs into each
 of their runs, prefixed with its kind (`toy_train/loss/model`), so every cell run is complete
@@ -9,8 +9,8 @@ on its own in the MLflow UI.
 
 The controller's own writes to a sqlite store (cell runs, and everything stages run in its
 process log) go through a `WriteBehind`: held in memory and written in one transaction at
-most a second apart, because MLflow's client costs several milliseconds and up to three
-commits per call. Jobs in other processes write through the client.
+most a second apart, because MLflow's client commits up to three transactions per call, the
+most of a trivial cell's cost. Jobs in other processes write through the client.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import importlib.metadata
 import math
 import os
 import random
-import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
 
 from study import ledger, schema
 from study.config import flatten
-from study.fsio import atomic_write, cache_root
+from study.fsio import atomic_copy, cache_root
 from study.training import Callback
 
 if TYPE_CHECKING:  # the writers in jobs import this module: keep it free of the engine
@@ -125,8 +125,7 @@ def _copy_empty_store(db: Path) -> None:
             with ledger.file_lock(template.with_name(template.name + ".lock")):
                 if not template.is_file():
                     _build_empty_store(template)
-        with open(template, "rb") as src:
-            atomic_write(db, lambda dst: shutil.copyfileobj(src, dst))
+        atomic_copy(template, db)
     except OSError:  # an unwritable cache: MLflow creates the store itself
         return
 
@@ -239,14 +238,9 @@ def log_artifact(tracker: Tracker, run_ids: list[str], path: Path, artifact_dir:
             tracker.flush()
             retry(tracker.client.log_artifact, run_id, str(path), artifact_dir)
         elif uri.startswith("file:"):  # a folder: a copy, without the repository's per-call path checks
-            _copy_artifact(Path(path), Path(local_file_uri_to_path(uri)) / artifact_dir)
+            atomic_copy(path, Path(local_file_uri_to_path(uri)) / artifact_dir / Path(path).name, durable=False)
         else:
             retry(get_artifact_repository(uri, tracking_uri=tracker.uri).log_artifact, str(path), artifact_dir)
-
-
-def _copy_artifact(source: Path, folder: Path) -> None:
-    with open(source, "rb") as src:
-        atomic_write(folder / source.name, lambda dst: shutil.copyfileobj(src, dst), durable=False)
 
 
 def end_runs(tracker: Tracker, run_ids: list[str], status: str) -> None:
@@ -338,7 +332,7 @@ class WriteBehind:
         _validate_batch_log_data(points, [], labels)
         for m in points:
             is_nan = math.isnan(m.value)
-            value = 0.0 if is_nan else max(-1.7976931348623157e308, min(1.7976931348623157e308, m.value))
+            value = 0.0 if is_nan else max(-sys.float_info.max, min(sys.float_info.max, m.value))
             row = dict(run_uuid=run_id, key=m.key, value=value, timestamp=m.timestamp, step=m.step, is_nan=is_nan)
             self.points.setdefault((run_id, m.key, m.timestamp, m.step, value, is_nan), row)
         self.tags.update({(run_id, t.key): t.value for t in labels})
